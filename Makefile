@@ -1,0 +1,22 @@
+# distillery — the two commands a new user runs are `make demo` and `make test` (README).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test clean-venv
+
+setup: $(STAMP)
+
+# The stamp follows the files that decide what gets installed, so editing a pin re-runs the install.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[cpu,test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+clean-venv:
+	rm -rf $(VENV)

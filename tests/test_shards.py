@@ -1,0 +1,127 @@
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distillery.data.imagefolder import convert_image_folder
+from distillery.data.shards import ShardError, ShardImages, ShardSet, ShardWriter, describe
+
+
+def _jpeg(colour, size=(40, 30)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "folder"
+    for c, name in enumerate(["cat", "dog", "eel"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            (root / name / f"img{i}.jpg").write_bytes(_jpeg((40 * c, 10 * i, 0)))
+    Image.new("RGB", (20, 20), "red").save(root / "dog" / "drawing.bmp")  # not kept as is: re-encoded to PNG
+    good = _jpeg((1, 2, 3), (64, 64))
+    (root / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "eel" / "notes.txt").write_text("not an image")
+    (root / "README").write_text("stray file outside the class folders")
+    return root
+
+
+def test_image_folder_conversion_skips_and_lists_bad_files(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    report = convert_image_folder(image_folder, out, shard_size=4, seed=0, workers=1)
+    assert report.written == 16 and report.shards == 4
+    assert sorted(path for path, _ in report.skipped) == ["README", "cat/truncated.jpg", "eel/notes.txt"]
+    listed = json.loads((out / "conversion.json").read_text())
+    assert len(listed["skipped"]) == 3
+    shard_set = ShardSet.open(out)
+    assert shard_set.classes == ("cat", "dog", "eel")
+    records = [r for s in range(len(shard_set)) for r in shard_set.records(s)]
+    assert [r.index for r in records] == list(range(16))
+    assert sorted(r.meta["path"] for r in records if r.label == 1)[0] == "dog/drawing.bmp"
+    assert {r.meta["class"] for r in records if r.label == 2} == {"eel"}
+    assert len({r.label for r in records[:8]}) > 1, "shards should mix classes"
+    info = describe(shard_set)
+    assert (info["shards"], info["samples"], info["classes"]) == (4, 16, 3)
+    assert info["min_size"] == (20, 20) and info["max_size"] == (40, 30)
+    assert not (tmp_path / "shards.partial").exists()
+
+
+def test_image_folder_conversion_uses_the_given_class_index(image_folder, tmp_path):
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["ant", "cat", "dog", "eel"]))
+    convert_image_folder(image_folder, tmp_path / "val", shard_size=100, classes_file=classes, workers=1)
+    shard_set = ShardSet.open(tmp_path / "val")
+    assert {r.label for r in shard_set.records(0) if r.meta["class"] == "cat"} == {1}
+    classes.write_text(json.dumps(["cat"]))
+    with pytest.raises(ShardError, match="not in"):
+        convert_image_folder(image_folder, tmp_path / "val2", classes_file=classes, workers=1)
+
+
+def test_failed_conversion_leaves_nothing_that_looks_complete(tmp_path):
+    root = tmp_path / "folder"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(ShardError, match="no decodable image"):
+        convert_image_folder(root, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reader_split_over_ranks_and_workers_covers_every_sample_once(synth_dir):
+    shard_set = ShardSet.open(synth_dir / "train")
+    seen = []
+    for rank in range(2):
+        loader = torch.utils.data.DataLoader(ShardImages(shard_set, rank=rank, world_size=2), batch_size=None,
+                                             num_workers=2, collate_fn=lambda s: (s.index, s.key))
+        seen += list(loader)
+    indices = sorted(i for i, _ in seen)
+    assert indices == list(range(shard_set.num_samples))
+    assert len({k for _, k in seen}) == shard_set.num_samples
+
+
+def test_more_slots_than_shards_still_covers_everything_once(synth_dir):
+    shard_set = ShardSet.open(synth_dir / "val")  # 2 shards, 3 ranks x 2 workers
+    assigned = [s for rank in range(3) for w in range(2) for s in shard_set.assigned_shards(rank, 3, w, 2)]
+    assert sorted(assigned) == [0, 1]
+
+
+def test_index_mismatch_and_bad_tar_are_named(synth_dir, tmp_path):
+    copy = tmp_path / "train"
+    copy.mkdir()
+    for p in (synth_dir / "train").iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    (copy / "train-000003.tar").unlink()
+    with pytest.raises(ShardError, match=r"missing: \['train-000003.tar'\]"):
+        ShardSet.open(copy)
+    (copy / "shards.json").unlink()
+    (copy / "train-000002.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ShardError, match="train-000002.tar: not a readable tar"):
+        ShardSet.open(copy)
+
+
+def test_writer_refuses_dotted_keys_and_non_empty_directories(tmp_path):
+    writer = ShardWriter(tmp_path / "s", shard_size=2)
+    with pytest.raises(ValueError, match="may not contain"):
+        writer.write("a.b", b"x", "jpg")
+    writer.write("a", _jpeg((0, 0, 0)), "jpg", label=3)
+    writer.close()
+    with pytest.raises(ShardError, match="already holds shards"):
+        ShardWriter(tmp_path / "s", shard_size=2)
+    assert [r.label for r in ShardSet.open(tmp_path / "s").records(0)] == [3]
+
+
+def test_cli_lists_commands_and_reports_counts(synth_dir):
+    cli = [sys.executable, "-m", "distillery.cli"]
+    help_text = subprocess.run(cli + ["--help"], capture_output=True, text=True, check=True).stdout
+    assert "data" in help_text
+    info = subprocess.run(cli + ["data", "info", str(synth_dir / "train")], capture_output=True, text=True, check=True)
+    assert "400" in info.stdout and "disc, square" in info.stdout
+    missing = subprocess.run(cli + ["data", "info", str(synth_dir / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such shard directory" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
