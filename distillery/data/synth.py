@@ -140,13 +140,59 @@ def _shape_mask(name: str, side: int, centre: tuple[float, float], radius: float
     return mask
 
 
+def _contrasting(rng: np.random.Generator, against: np.ndarray, distance: float = 110.0) -> tuple[int, int, int]:
+    """A random colour at least `distance` (RGB L2) from `against`, so the object stands out of its ground."""
+    for _ in range(32):
+        colour = np.array(_colour(rng), np.float32)
+        if np.linalg.norm(colour - against) >= distance:
+            break
+    return tuple(int(c) for c in colour)
+
+
+def _smooth_background(rng: np.random.Generator, side: int) -> Image.Image:
+    """A low-contrast ground: solid, gradient or soft noise between two nearby colours."""
+    base = np.array(_colour(rng), np.float32)
+    other = (base + rng.uniform(-50, 50, 3)).clip(0, 255)
+    kind = rng.integers(0, 3)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    if kind == 0:
+        t = np.zeros_like(xx)
+    elif kind == 1:
+        angle = rng.uniform(0, 2 * math.pi)
+        t = (xx * math.cos(angle) + yy * math.sin(angle) + 1) / 2
+    else:
+        coarse = rng.random((3, 3)).astype(np.float32)
+        t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC), np.float32) / 255
+    pixels = base[None, None] * (1 - t[..., None]) + other[None, None] * t[..., None]
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def _fill(rng: np.random.Generator, side: int, against: np.ndarray) -> Image.Image:
+    """An object's fill: solid (most often), stripes or checks, in colours that contrast with the ground."""
+    a = np.array(_contrasting(rng, against), np.float32)
+    kind = rng.choice(3, p=[0.6, 0.2, 0.2])
+    if kind == 0:
+        return Image.new("RGB", (side, side), tuple(int(c) for c in a))
+    b = np.array(_contrasting(rng, against), np.float32)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    if kind == 1:
+        angle = rng.uniform(0, math.pi)
+        t = (np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi * rng.uniform(2, 4)) > 0)
+    else:
+        cells = rng.uniform(2, 4)
+        t = (np.floor(xx * cells) + np.floor(yy * cells)) % 2 > 0
+    pixels = np.where(t[..., None], b[None, None], a[None, None])
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
 def _paste_shape(canvas: Image.Image, rng: np.random.Generator, name: str, scale: tuple[float, float],
-                 margin: float = 0.5) -> tuple[float, float, float]:
+                 margin: float = 0.5, rotation: float = math.pi) -> tuple[float, float, float]:
     side = canvas.size[0]
     radius = rng.uniform(*scale) * side / 2
     centre = tuple(rng.uniform(side / 2 - margin * side / 2, side / 2 + margin * side / 2, 2))
-    mask = _shape_mask(name, side, centre, radius, rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 1.2))
-    canvas.paste(_texture(rng, side, with_noise=False), (0, 0), mask)
+    mask = _shape_mask(name, side, centre, radius, rng.uniform(-rotation, rotation), rng.uniform(0.85, 1.15))
+    ground = np.asarray(canvas, np.float32).reshape(-1, 3).mean(0)
+    canvas.paste(_fill(rng, side, ground), (0, 0), mask)
     if rng.random() < 0.5:  # a contrasting outline on half the objects
         edge = mask.filter(ImageFilter.MaxFilter(5)).point(lambda v: 255 if v else 0)
         outline = Image.new("L", (side, side), 0)
@@ -155,12 +201,12 @@ def _paste_shape(canvas: Image.Image, rng: np.random.Generator, name: str, scale
     return centre[0], centre[1], radius
 
 
-def _clutter(canvas: Image.Image, rng: np.random.Generator, count: int) -> None:
+def _clutter(canvas: Image.Image, rng: np.random.Generator, count: int, size: tuple[float, float] = (0.04, 0.12)) -> None:
     side = canvas.size[0]
     draw = ImageDraw.Draw(canvas)
     for _ in range(count):
         x, y = rng.uniform(0, side, 2)
-        r = rng.uniform(0.04, 0.12) * side
+        r = rng.uniform(*size) * side
         if rng.random() < 0.5:
             draw.ellipse([x - r, y - r, x + r, y + r], fill=_colour(rng))
         else:
@@ -173,12 +219,12 @@ def _finish(canvas: Image.Image, size: int) -> Image.Image:
 
 
 def render_object(rng: np.random.Generator, name: str, size: int) -> Image.Image:
-    """One object of shape `name` on a random background with clutter."""
+    """One object of shape `name` on a random smooth ground with a little clutter, some of it in front."""
     side = size * SUPERSAMPLE
-    canvas = _texture(rng, side)
-    _clutter(canvas, rng, int(rng.integers(1, 5)))
-    _paste_shape(canvas, rng, name, scale=(0.5, 0.9))
-    _clutter(canvas, rng, int(rng.integers(0, 3)))  # some clutter in front of the object too
+    canvas = _smooth_background(rng, side)
+    _clutter(canvas, rng, int(rng.integers(0, 3)), size=(0.03, 0.08))
+    _paste_shape(canvas, rng, name, scale=(0.6, 0.9), margin=0.35, rotation=math.radians(10))
+    _clutter(canvas, rng, int(rng.integers(0, 2)), size=(0.03, 0.06))
     return _finish(canvas, size)
 
 
