@@ -1,0 +1,138 @@
+"""Cache writer throughput on the embedded data: single decode vs a naive loop, storage per view, writes.
+
+    python benchmarks/cache_throughput.py --images 1000 --views 4 --workers 2
+
+Two random-weight teachers of different width and patch size (ViT-Ti/4 and ViT-S/8 at the synth size).
+The naive loop is what a cache without this design does: for every teacher and every view it walks the
+data again, decoding each image once per (teacher, view). Both use the same DataLoader workers, batch
+size and teachers; images/s counts images fully cached (all views, all teachers) per wall-clock second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import distillery  # noqa: F401
+import numpy as np
+import torch
+import zarr
+
+from distillery.cache.store import CacheStore, encode
+from distillery.cache.verify import bytes_per_view
+from distillery.cache.writer import CacheConfig, cache_teachers
+from distillery.data.shards import ShardSet, decode_image
+from distillery.data.synth import SynthConfig, generate
+from distillery.data.views import ViewConfig, draw_view, normalize, replay
+from distillery.models.students import create_student, export_local_dir
+from distillery.models.teachers import create_teacher
+
+
+class NaivePass(torch.utils.data.IterableDataset):
+    """One (teacher, view) pass over the data: every image decoded again for it."""
+
+    def __init__(self, shard_set, view, size, seed):
+        self.shard_set, self.view, self.size, self.seed = shard_set, view, size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for shard in range(worker, len(self.shard_set), workers):
+            for record in self.shard_set.records(shard):
+                image = decode_image(record.image_bytes, record.key)
+                params = draw_view(ViewConfig(), self.seed, record.index, self.view, image.height, image.width)
+                yield replay(image, params, self.size)
+
+
+def naive(data, specs, views, batch_size, workers):
+    shard_set = ShardSet.open(data)
+    teachers = [create_teacher(s) for s in specs]
+    start = time.perf_counter()
+    for teacher in teachers:
+        p = teacher.preprocessing
+        for view in range(views):
+            loader = torch.utils.data.DataLoader(NaivePass(shard_set, view, p.input_size, 0), batch_size=batch_size,
+                                                 num_workers=workers)
+            for pixels in loader:
+                teacher(normalize(pixels, p.mean, p.std))
+    return shard_set.num_samples / (time.perf_counter() - start)
+
+
+def write_throughput(slots: int, tokens: int, dim: int, views: int, rounds: int = 3) -> float:
+    """MiB/s of whole-block writes of float16 patch tokens in the store's layout."""
+    from distillery.cache.store import inner_chunk_rows
+
+    tmp = Path(tempfile.mkdtemp())
+    array = zarr.create_array(store=str(tmp / "w.zarr"), shape=(slots * rounds, views, tokens, dim), dtype="float16",
+                              shards=(slots, 1, tokens, dim), chunks=(inner_chunk_rows(slots), 1, tokens, dim),
+                              compressors=None, fill_value=0)
+    data = np.random.default_rng(0).standard_normal((slots, views, tokens, dim)).astype(np.float16)
+    start = time.perf_counter()
+    for r in range(rounds):
+        array[r * slots:(r + 1) * slots] = data
+    seconds = time.perf_counter() - start
+    shutil.rmtree(tmp)
+    return data.nbytes * rounds / seconds / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None, help="Write the figures as JSON here too.")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="cache_bench_"))
+    generate(SynthConfig(train=args.images, val=0, ood_near=0, ood_far=0, landmarks=0, distractors=0,
+                         size=args.size, shard_size=250), work / "synth")
+    specs = []
+    for name, arch, patch in (("vit_ti_p4", "vit_tiny_patch16_224", 4), ("vit_s_p8", "vit_small_patch16_224", 8)):
+        export_local_dir(create_student(arch, img_size=args.size, patch_size=patch), work / name)
+        specs.append(f"local-dir:{work / name}")
+    data = str(work / "synth" / "train")
+    config = CacheConfig(tuple(specs), views=args.views, batch_size=args.batch_size, workers=args.workers)
+    summary = cache_teachers(data, str(work / "f16.zarr"), config, show_progress=False)
+    naive_rate = naive(data, specs, args.views, args.batch_size, args.workers)
+    store = CacheStore.open(str(work / "f16.zarr"))
+    sizes = {"float16": bytes_per_view(store)}
+    for label, extra in (("int8", {"dtype": "int8"}), ("float16, patch-pool 2", {"patch_pool": 2})):
+        out = work / f"{label.split(',')[0]}{extra.get('patch_pool', '')}.zarr"
+        cache_teachers(data, str(out), CacheConfig(tuple(specs), views=1, workers=args.workers, **extra), show_progress=False)
+        sizes[label] = bytes_per_view(CacheStore.open(str(out)))
+    vit_s_224 = {"float16": 197 * 384 * 2, "int8": 197 * 384 + 197 * 2, "float16, patch-pool 2": (1 + 49) * 384 * 2}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "images": args.images, "size": args.size, "views": args.views, "workers": args.workers,
+        "single_decode_images_per_s": summary["images_per_second"],
+        "naive_images_per_s": round(naive_rate, 1),
+        "speedup": round(summary["images_per_second"] / naive_rate, 2),
+        "stage_rates": {k: v for k, v in summary.items() if k.endswith("_images_per_second")},
+        "bytes_per_view": sizes,
+        "bytes_per_view_vit_s16_224": vit_s_224,
+        "write_mib_per_s_vit_s16_blocks": round(write_throughput(250, 196, 384, args.views), 1),
+        "encode_int8_ms_per_1000_tokens": round(_encode_ms(), 2),
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    shutil.rmtree(work)
+
+
+def _encode_ms() -> float:
+    x = torch.randn(1000, 384)
+    start = time.perf_counter()
+    for _ in range(20):
+        encode(x, "int8")
+    return (time.perf_counter() - start) / 20 * 1e3
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""The teacher-feature cache: a Zarr v3 group, its manifest, and the one reader every stage uses.
+
+Layout (R = image shards x slots; the rows of image shard j are [j*slots, j*slots + count), the remaining
+slots of its block are padding with valid=0, so shards of any size keep whole-block alignment):
+
+    manifest.json                          identity (data, views, teachers, storage) + completion summary
+    shards/<j:06d>.json                    written only after image shard j's arrays are flushed
+    keys [R] str, valid [R] uint8, views [R, V, P] float32
+    teachers/<name>/cls [R, V, D]          float16 | bfloat16 (stored as uint16) | int8
+    teachers/<name>/cls_scale [R, V]       float16, int8 only (symmetric per-token quantisation)
+    teachers/<name>/patch [R, V, T, D]     one zarr shard per (image shard, view): a block is one read
+    teachers/<name>/patch_scale [R, V, T]
+    teachers/<name>/moments/{cls,patch} [n_shards, 3, D] float64   per-shard (count, mean, M2)
+
+Features are stored uncompressed: float16 activations compress by about 8% with zstd
+(references/environment.md), not worth the CPU that training workers would spend decompressing.
+Side files go through fsspec, so a store can live on a local path or any URL zarr accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import torch
+import zarr
+
+from distillery.cache.stats import Moments
+from distillery.data.views import NUM_PARAMS
+from distillery.errors import DistilleryError
+
+FORMAT = "distillery-cache/1"
+MANIFEST = "manifest.json"
+RECORDS = "shards"
+DTYPES = ("float16", "bfloat16", "int8")
+TOKEN_TYPES = ("cls", "patch")
+
+
+class CacheError(DistilleryError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------- encodings
+
+def encode(features: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 [..., D] to the stored values (and, for int8, a float16 scale per token [...])."""
+    features = features.detach().float().cpu()
+    if dtype == "float16":
+        return features.half().numpy(), None
+    if dtype == "bfloat16":
+        return features.bfloat16().view(torch.int16).numpy().view(np.uint16), None
+    if dtype == "int8":
+        # Quantise with the float16-rounded scale that is stored, so decoding is exact to half a step.
+        scale = (features.abs().amax(-1) / 127).half().float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        values = torch.round(features / safe.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+        return values.numpy(), scale.half().numpy()
+    raise CacheError(f"unknown cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def decode(values: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
+    """Stored values to float32 (the inverse of `encode`, up to its rounding)."""
+    if dtype == "float16":
+        return torch.from_numpy(np.asarray(values)).float()
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.asarray(values).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.asarray(values)).float() * torch.from_numpy(np.asarray(scale)).float().unsqueeze(-1)
+
+
+def storage_tolerance(dtype: str) -> float:
+    """Largest |stored - exact| relative to the token's largest magnitude, from the encoding's rounding
+    (float16: 2^-11 relative, bfloat16: 2^-8, int8: half a step of max/127), with headroom for the fp32
+    differences between two forwards over differently composed batches."""
+    return {"float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 254 + 2**-10}[dtype]
+
+
+def inner_chunk_rows(slots: int, most: int = 16) -> int:
+    """The largest divisor of `slots` up to `most` (zarr needs inner chunks to tile the shard exactly)."""
+    return max(d for d in range(1, min(most, slots) + 1) if slots % d == 0)
+
+
+def as_json(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists), so stored and fresh identities compare equal."""
+    return json.loads(json.dumps(value))
+
+
+# ---------------------------------------------------------------------------------------- side files
+
+class SideFiles:
+    """JSON files beside the arrays, written atomically, on any fsspec filesystem."""
+
+    def __init__(self, url: str):
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+
+    def path(self, relative: str) -> str:
+        return f"{self.root.rstrip('/')}/{relative}"
+
+    def read(self, relative: str) -> Any | None:
+        path = self.path(relative)
+        if not self.fs.exists(path):
+            return None
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except json.JSONDecodeError as error:
+            raise CacheError(f"{path}: not valid JSON ({error})") from error
+
+    def write(self, relative: str, value: Any) -> None:
+        data = json.dumps(value, indent=1, sort_keys=True).encode()
+        path = self.path(relative)
+        if isinstance(self.fs, LocalFileSystem):
+            partial = path + ".partial"
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            self.fs.pipe_file(partial, data)
+            self.fs.mv(partial, path)  # a rename: readers never see half a file
+        else:
+            self.fs.pipe_file(path, data)  # object stores put whole objects atomically
+
+    def list(self, relative: str) -> list[str]:
+        path = self.path(relative)
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.root)
+
+    def remove(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+    def size(self) -> int:
+        return int(self.fs.du(self.root)) if self.fs.exists(self.root) else 0
+
+
+# Where a teacher was loaded from says nothing about what it computes (its fingerprint does): a moved
+# local-dir must not make a finished store unusable.
+INFORMATIONAL_KEYS = {"spec"}
+
+
+def identity_differences(stored: Any, wanted: Any, where: str = "") -> list[str]:
+    """Human-readable differences between two manifest identities."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted((set(stored) | set(wanted)) - INFORMATIONAL_KEYS):
+            out += identity_differences(stored.get(key), wanted.get(key), f"{where}.{key}" if where else key)
+        return out
+    if isinstance(stored, list) and isinstance(wanted, list) and len(stored) == len(wanted):
+        return [d for i, (a, b) in enumerate(zip(stored, wanted)) for d in identity_differences(a, b, f"{where}[{i}]")]
+    if stored != wanted:
+        return [f"{where}: store has {_short(stored)}, this run has {_short(wanted)}"]
+    return []
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        return f"{len(value)} ({', '.join(v['name'] for v in value)})"
+    text = json.dumps(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------- the store
+
+@dataclass(frozen=True)
+class TeacherLayout:
+    name: str
+    spec: str
+    dim: int
+    grid: tuple[int, int]  # the teacher's patch grid
+    stored_grid: tuple[int, int]  # after --patch-pool
+    fingerprint: dict
+
+    @property
+    def num_patches(self) -> int:
+        return self.stored_grid[0] * self.stored_grid[1]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TeacherLayout:
+        return cls(d["name"], d["spec"], d["dim"], tuple(d["grid"]), tuple(d["stored_grid"]), d["fingerprint"])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "spec": self.spec, "dim": self.dim, "grid": list(self.grid),
+                "stored_grid": list(self.stored_grid), "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class TeacherStats:
+    """Dataset mean and std per dimension, float32 [D], for standardising targets."""
+
+    cls_mean: torch.Tensor
+    cls_std: torch.Tensor
+    patch_mean: torch.Tensor | None
+    patch_std: torch.Tensor | None
+
+
+class CacheStore:
+    """A cache of teacher features. Open with `CacheStore.open(url)`; the writer creates it with `create`."""
+
+    def __init__(self, url: str, manifest: dict):
+        self.url = url
+        self.manifest = manifest
+        self.identity = manifest["identity"]
+        self.files = SideFiles(url)
+        self.group = zarr.open_group(url, mode="r+" if self.files.exists() else "r")
+        storage = self.identity["storage"]
+        self.dtype: str = storage["dtype"]
+        self.cls_only: bool = storage["cls_only"]
+        self.slots: int = storage["slots"]
+        self.num_views: int = self.identity["views"]["count"]
+        self.counts: list[int] = self.identity["dataset"]["counts"]
+        self.shard_names: list[str] = self.identity["dataset"]["shards"]
+        self.teachers = [TeacherLayout.from_dict(t) for t in self.identity["teachers"]]
+        self._offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    # -- creation and opening
+
+    @classmethod
+    def open(cls, url: str) -> CacheStore:
+        manifest = SideFiles(url).read(MANIFEST)
+        if manifest is None:
+            raise CacheError(f"{url}: not a distillery cache (no {MANIFEST}); build one with `distillery cache-teachers`")
+        if manifest.get("format") != FORMAT:
+            raise CacheError(f"{url}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT}")
+        return cls(url, manifest)
+
+    @classmethod
+    def create(cls, url: str, identity: dict) -> CacheStore:
+        """Create every array, then write the manifest last: a store with a manifest is a usable one."""
+        storage, slots = identity["storage"], identity["storage"]["slots"]
+        rows, views = slots * len(identity["dataset"]["counts"]), identity["views"]["count"]
+        group = zarr.open_group(url, mode="w")
+        group.create_array("keys", shape=(rows,), dtype=str, chunks=(slots,))
+        group.create_array("valid", shape=(rows,), dtype="uint8", chunks=(slots,), fill_value=0)
+        group.create_array("views", shape=(rows, views, NUM_PARAMS), dtype="float32", chunks=(slots, views, NUM_PARAMS))
+        value_dtype = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}[storage["dtype"]]
+        for teacher in identity["teachers"]:
+            node = group.create_group(f"teachers/{teacher['name']}")
+            dim = teacher["dim"]
+            tokens = teacher["stored_grid"][0] * teacher["stored_grid"][1]
+            # CLS blocks are small: one chunk per image shard. Patch blocks get one zarr shard per (image
+            # shard, view), cut into inner chunks of a few rows: per-chunk overhead makes 1-row chunks write
+            # at half the speed (BENCHMARKS.md), while a few rows still keep single-row reads cheap.
+            inner = inner_chunk_rows(slots)
+            shapes = {"cls": ((rows, views, dim), None, (slots, views, dim))}
+            if not storage["cls_only"]:
+                shapes["patch"] = ((rows, views, tokens, dim), (slots, 1, tokens, dim), (inner, 1, tokens, dim))
+            for part, (shape, shard, chunk) in shapes.items():
+                node.create_array(part, shape=shape, dtype=value_dtype, shards=shard, chunks=chunk, compressors=None,
+                                  fill_value=0, attributes={"encoding": storage["dtype"]})
+                if storage["dtype"] == "int8":
+                    node.create_array(f"{part}_scale", shape=shape[:-1], dtype="float16",
+                                      shards=None if shard is None else shard[:-1], chunks=chunk[:-1],
+                                      compressors=None, fill_value=0)
+                node.create_array(f"moments/{part}", shape=(len(identity["dataset"]["counts"]), 3, dim),
+                                  dtype="float64", chunks=(1, 3, dim), fill_value=0)
+        manifest = {"format": FORMAT, "identity": identity, "completion": None}
+        SideFiles(url).write(MANIFEST, manifest)
+        return cls(url, manifest)
+
+    # -- geometry
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.counts)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self._offsets[-1])
+
+    def rows(self, shard_id: int) -> slice:
+        start = shard_id * self.slots
+        return slice(start, start + self.counts[shard_id])
+
+    def row_of(self, global_index: np.ndarray | int) -> np.ndarray:
+        """Store rows of dataset global indices (sorted shards, then position)."""
+        index = np.asarray(global_index, dtype=np.int64)
+        shard = np.searchsorted(self._offsets, index, side="right") - 1
+        return shard * self.slots + (index - self._offsets[shard])
+
+    def teacher(self, name: str) -> TeacherLayout:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise CacheError(f"{self.url}: no teacher {name!r}; it has {', '.join(t.name for t in self.teachers)}")
+
+    # -- completion
+
+    def completed_shards(self) -> set[int]:
+        return {int(name.split(".")[0]) for name in self.files.list(RECORDS) if name.endswith(".json")}
+
+    def shard_record(self, shard_id: int) -> dict | None:
+        return self.files.read(f"{RECORDS}/{shard_id:06d}.json")
+
+    @property
+    def is_complete(self) -> bool:
+        return self.manifest.get("completion") is not None
+
+    def finalize(self) -> bool:
+        """Record completion in the manifest once every shard is done; True if the store is complete.
+
+        Deterministic content, so two writers finishing together write the same bytes.
+        """
+        if len(self.completed_shards()) < self.num_shards:
+            return False
+        invalid = [entry for shard_id in range(self.num_shards) for entry in self.shard_record(shard_id)["invalid"]]
+        completion = {"num_valid": self.num_samples - len(invalid), "num_invalid": len(invalid), "invalid": invalid,
+                      "stats": {t.name: self._stats_summary(t) for t in self.teachers}}
+        self.manifest = {**self.manifest, "completion": completion}
+        self.files.write(MANIFEST, self.manifest)
+        return True
+
+    def _stats_summary(self, teacher: TeacherLayout) -> dict:
+        stats = self.stats(teacher.name)
+        summary = {"cls_mean_norm": float(stats.cls_mean.norm()), "cls_std_mean": float(stats.cls_std.mean())}
+        if stats.patch_mean is not None:
+            summary.update(patch_mean_norm=float(stats.patch_mean.norm()), patch_std_mean=float(stats.patch_std.mean()))
+        return summary
+
+    # -- writing (one writer per image shard)
+
+    def write_shard(self, shard_id: int, arrays: dict[str, np.ndarray], record: dict) -> None:
+        """Write a shard's whole slot block of every array, then its completion record."""
+        block = slice(shard_id * self.slots, (shard_id + 1) * self.slots)
+        for name, values in arrays.items():
+            if "/moments/" in name:
+                self.group[name][shard_id] = values
+            else:
+                self.group[name][block] = values
+        self.files.write(f"{RECORDS}/{shard_id:06d}.json", record)
+
+    # -- reading
+
+    def read_keys(self, shard_id: int) -> np.ndarray:
+        return self.group["keys"][self.rows(shard_id)]
+
+    def read_block(self, shard_id: int, view: int | None = None, parts: tuple[str, ...] = TOKEN_TYPES,
+                   teachers: list[str] | None = None, decoded: bool = True) -> dict[str, Any]:
+        """One image shard's rows: keys, valid, views and, per teacher and part, the features of one view
+        (or all views when `view` is None). Each array is one sequential read of its zarr shard.
+
+        Returns `{"keys", "valid", "views", "<teacher>/<part>": float32 tensor}`; with `decoded=False` the
+        stored arrays are returned as they are (plus `"<teacher>/<part>_scale"` for int8), for decoding
+        later in a batch."""
+        rows = self.rows(shard_id)
+        views = slice(None) if view is None else slice(view, view + 1)
+        out: dict[str, Any] = {"keys": self.group["keys"][rows], "valid": self.group["valid"][rows],
+                               "views": self.group["views"][rows]}
+        for name in teachers or [t.name for t in self.teachers]:
+            for part in parts:
+                if part == "patch" and self.cls_only:
+                    raise CacheError(f"{self.url}: a --cls-only cache has no patch tokens")
+                values = self.group[f"teachers/{name}/{part}"][rows, views]
+                scale = self.group[f"teachers/{name}/{part}_scale"][rows, views] if self.dtype == "int8" else None
+                if view is not None:
+                    values, scale = values[:, 0], None if scale is None else scale[:, 0]
+                if decoded:
+                    out[f"{name}/{part}"] = decode(values, scale, self.dtype)
+                else:
+                    out[f"{name}/{part}"] = values
+                    if scale is not None:
+                        out[f"{name}/{part}_scale"] = scale
+        return out
+
+    def read_rows(self, global_indices: list[int], views: list[int], parts: tuple[str, ...] = TOKEN_TYPES) -> dict[str, Any]:
+        """Features of arbitrary (sample, view) pairs, decoded to float32; for tools and spot checks.
+        Training reads whole blocks with `read_block`."""
+        rows = self.row_of(np.asarray(global_indices))
+        out: dict[str, Any] = {"keys": [self.group["keys"][int(r)] for r in rows],
+                               "valid": np.array([self.group["valid"][int(r)] for r in rows]),
+                               "views": np.stack([self.group["views"][int(r), v] for r, v in zip(rows, views)])}
+        for teacher in self.teachers:
+            for part in parts:
+                if part == "patch" and self.cls_only:
+                    continue
+                array = self.group[f"teachers/{teacher.name}/{part}"]
+                values = np.stack([array[int(r), v] for r, v in zip(rows, views)])
+                scale = None
+                if self.dtype == "int8":
+                    scales = self.group[f"teachers/{teacher.name}/{part}_scale"]
+                    scale = np.stack([scales[int(r), v] for r, v in zip(rows, views)])
+                out[f"{teacher.name}/{part}"] = decode(values, scale, self.dtype)
+        return out
+
+    def moments(self, name: str, part: str) -> Moments:
+        """Merged over every shard written so far, in shard order (deterministic)."""
+        layout = self.teacher(name)
+        partial = self.group[f"teachers/{name}/moments/{part}"][:]
+        total = Moments.empty(layout.dim)
+        for shard_id in sorted(self.completed_shards()):
+            total = total.merge(Moments.from_array(partial[shard_id]))
+        return total
+
+    def stats(self, name: str) -> TeacherStats:
+        cls_moments = self.moments(name, "cls")
+        patch = None if self.cls_only else self.moments(name, "patch")
+        as_tensor = lambda a: torch.from_numpy(a).float()  # noqa: E731
+        return TeacherStats(as_tensor(cls_moments.mean), as_tensor(cls_moments.std),
+                            None if patch is None else as_tensor(patch.mean), None if patch is None else as_tensor(patch.std))

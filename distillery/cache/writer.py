@@ -1,0 +1,329 @@
+"""`cache-teachers`: decode each image once, draw its V views, run every teacher on every view, store it all.
+
+Work is split by image shard: rank r writes shards r, r+W, ... (W = world size), DataLoader workers
+decode and replay whole shards, and the main process runs the teachers in batches that never cross a
+shard boundary. Each shard's arrays are written in one block and only then is its completion record
+written, so a crash loses at most the shards in flight; re-running the command skips finished shards and,
+because batches are shard-local and everything is seeded, the finished store is bit-identical however
+often it was interrupted and however many ranks wrote it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distillery.cache.stats import Moments
+from distillery.cache.store import (DTYPES, MANIFEST, CacheError, CacheStore, SideFiles, as_json, decode, encode,
+                                    identity_differences)
+from distillery.console import console, progress_bar
+from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
+from distillery.data.views import NUM_PARAMS, ViewConfig, draw_view, normalize, replay
+from distillery.models.teachers import Teacher, create_teacher
+
+MANIFEST_WAIT_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    teachers: tuple[str, ...]
+    views: int = 4
+    seed: int = 0
+    view_config: ViewConfig = field(default_factory=ViewConfig)
+    dtype: str = "float16"
+    patch_pool: int = 1
+    cls_only: bool = False
+    batch_size: int = 32  # images per teacher forward, each with its V views
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise CacheError("give at least one --teacher")
+        if len(set(self.teachers)) != len(self.teachers):
+            raise CacheError(f"a teacher is given twice: {list(self.teachers)}")
+        if self.views < 1:
+            raise CacheError(f"--views must be at least 1, got {self.views}")
+        if self.dtype not in DTYPES:
+            raise CacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.patch_pool not in (1, 2, 4):
+            raise CacheError(f"--patch-pool must be 1, 2 or 4, got {self.patch_pool}")
+        if self.batch_size < 1:
+            raise CacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def pooled_grid(grid: tuple[int, int], pool: int) -> tuple[int, int]:
+    return -(-grid[0] // pool), -(-grid[1] // pool)
+
+
+def pool_patches(patch: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tensor:
+    """Average `pool` x `pool` neighbourhoods of the patch grid: [B, T, D] -> [B, T', D] (edge windows partial)."""
+    if pool == 1:
+        return patch
+    b, _, d = patch.shape
+    image = patch.transpose(1, 2).reshape(b, d, *grid)
+    pooled = F.avg_pool2d(image, pool, stride=pool, ceil_mode=True, count_include_pad=False)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def build_identity(shard_set: ShardSet, teachers: list[Teacher], config: CacheConfig, precision: str) -> dict:
+    """Everything that decides the stored bytes; a store is only extended by a run with the same identity."""
+    return as_json({
+        "dataset": shard_set.fingerprint(),
+        "views": {"count": config.views, "seed": config.seed, "config": asdict(config.view_config)},
+        "storage": {"dtype": config.dtype, "patch_pool": config.patch_pool, "cls_only": config.cls_only,
+                    "slots": max(s.count for s in shard_set.shards), "forward_precision": precision},
+        "teachers": [{"name": t.name, "spec": t.spec, "dim": t.embed_dim, "grid": list(t.grid),
+                      "stored_grid": list(pooled_grid(t.grid, config.patch_pool)), "fingerprint": t.fingerprint()}
+                     for t in teachers],
+    })
+
+
+# ------------------------------------------------------------------------------ decoding and views (workers)
+
+class ViewedImage(NamedTuple):
+    shard_id: int
+    position: int
+    index: int
+    key: str
+    error: str | None
+    params: np.ndarray  # [V, P]
+    pixels: dict[tuple[int, int], torch.Tensor] | None  # input size -> uint8 [V, 3, H, W]
+    seconds: float
+
+
+class ViewedImages(torch.utils.data.IterableDataset):
+    """Whole shards, each image decoded once and rendered at every teacher input size for each of its views."""
+
+    def __init__(self, shard_set: ShardSet, shard_ids: list[int], config: CacheConfig, sizes: list[tuple[int, int]]):
+        self.shard_set, self.shard_ids, self.config, self.sizes = shard_set, shard_ids, config, sizes
+
+    def __iter__(self) -> Iterator[ViewedImage]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        for shard_id in self.shard_ids[worker::num_workers]:
+            for position, record in enumerate(self.shard_set.records(shard_id)):
+                yield view_image(record, shard_id, position, self.config, self.sizes)
+
+
+def view_image(record, shard_id: int, position: int, config: CacheConfig, sizes: list[tuple[int, int]]) -> ViewedImage:
+    start = time.perf_counter()
+    try:
+        image = decode_image(record.image_bytes, f"{record.shard}:{record.key}")
+    except ImageDecodeError as error:
+        return ViewedImage(shard_id, position, record.index, record.key, str(error),
+                           np.zeros((config.views, NUM_PARAMS), np.float32), None, time.perf_counter() - start)
+    params = np.stack([draw_view(config.view_config, config.seed, record.index, v, image.height, image.width)
+                       for v in range(config.views)])
+    pixels = {size: torch.stack([replay(image, p, size) for p in params]) for size in sizes}
+    return ViewedImage(shard_id, position, record.index, record.key, None, params, pixels, time.perf_counter() - start)
+
+
+def _as_is(item):
+    return item
+
+
+# ------------------------------------------------------------------------------ one shard's buffers (main process)
+
+class ShardBuffer:
+    """Everything one image shard will write, filled batch by batch, written in one go."""
+
+    def __init__(self, store: CacheStore, shard_id: int, config: CacheConfig):
+        self.store, self.shard_id, self.config = store, shard_id, config
+        self.count = store.counts[shard_id]
+        slots, views = store.slots, config.views
+        self.keys = np.full(slots, "", dtype=object)
+        self.valid = np.zeros(slots, np.uint8)
+        self.views = np.zeros((slots, views, NUM_PARAMS), np.float32)
+        self.features: dict[str, np.ndarray] = {}
+        value_dtype = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}[config.dtype]
+        for t in store.teachers:
+            parts = {"cls": (t.dim,)} if config.cls_only else {"cls": (t.dim,), "patch": (t.num_patches, t.dim)}
+            for part, tail in parts.items():
+                self.features[f"teachers/{t.name}/{part}"] = np.zeros((slots, views, *tail), value_dtype)
+                if config.dtype == "int8":
+                    self.features[f"teachers/{t.name}/{part}_scale"] = np.zeros((slots, views, *tail[:-1]), np.float16)
+        self.moments = {(t.name, part): Moments.empty(t.dim) for t in store.teachers
+                        for part in (("cls",) if config.cls_only else ("cls", "patch"))}
+        self.pending: list[ViewedImage] = []
+        self.received = 0
+        self.invalid: list[dict] = []
+
+    def add(self, item: ViewedImage) -> None:
+        if item.position != self.received:
+            raise CacheError(f"shard {self.shard_id}: sample {item.position} arrived out of order")
+        self.received += 1
+        self.keys[item.position] = item.key
+        self.views[item.position] = item.params
+        if item.error is None:
+            self.pending.append(item)
+        else:
+            self.invalid.append({"key": item.key, "index": item.index, "reason": item.error})
+
+    @property
+    def batch_ready(self) -> bool:
+        return len(self.pending) >= self.config.batch_size or (self.received == self.count and bool(self.pending))
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.count and not self.pending
+
+    def run_batch(self, teachers: list[Teacher], device: torch.device) -> None:
+        items, self.pending = self.pending[: self.config.batch_size], self.pending[self.config.batch_size:]
+        views = self.config.views
+        outputs: dict[str, dict[str, torch.Tensor]] = {}
+        finite = torch.ones(len(items), dtype=torch.bool)
+        for teacher in teachers:
+            p = teacher.preprocessing
+            pixels = torch.cat([item.pixels[p.input_size] for item in items]).to(device, non_blocking=True)
+            tokens = teacher(normalize(pixels, p.mean, p.std))
+            parts = {"cls": tokens.cls.reshape(len(items), views, -1).cpu()}
+            if not self.config.cls_only:
+                patch = pool_patches(tokens.patch, teacher.grid, self.config.patch_pool)
+                parts["patch"] = patch.reshape(len(items), views, *patch.shape[1:]).cpu()
+            for part, values in parts.items():
+                ok = torch.isfinite(values.flatten(1)).all(1)
+                for k in torch.nonzero(finite & ~ok).flatten().tolist():
+                    self.invalid.append({"key": items[k].key, "index": items[k].index,
+                                         "reason": f"non-finite {part} output of teacher {teacher.name}"})
+                finite &= ok
+            outputs[teacher.name] = parts
+        positions = np.array([item.position for item in items])
+        for name, parts in outputs.items():
+            for part, values in parts.items():
+                values = torch.where(finite.view(-1, *([1] * (values.ndim - 1))), values, torch.zeros(()))
+                stored, scale = encode(values, self.config.dtype)
+                self.features[f"teachers/{name}/{part}"][positions] = stored
+                if scale is not None:
+                    self.features[f"teachers/{name}/{part}_scale"][positions] = scale
+                # Merged image by image in shard order, so the statistics do not depend on the batch size.
+                decoded = decode(stored, scale, self.config.dtype)
+                for k in torch.nonzero(finite).flatten().tolist():
+                    self.moments[(name, part)] = self.moments[(name, part)].merge(Moments.of(decoded[k]))
+        self.valid[positions[finite.numpy()]] = 1
+
+    def flush(self) -> None:
+        arrays: dict[str, np.ndarray] = {"keys": self.keys.astype(str), "valid": self.valid, "views": self.views,
+                                         **self.features}
+        for (name, part), moments in self.moments.items():
+            arrays[f"teachers/{name}/moments/{part}"] = moments.to_array()
+        record = {"shard": self.store.shard_names[self.shard_id], "count": self.count,
+                  "num_valid": int(self.valid.sum()), "invalid": sorted(self.invalid, key=lambda e: e["index"])}
+        self.store.write_shard(self.shard_id, arrays, record)
+
+
+# ------------------------------------------------------------------------------ the command
+
+def _open_or_create(url: str, identity: dict, overwrite: bool, rank: int, world_size: int, barrier) -> CacheStore:
+    files = SideFiles(url)
+    if rank == 0:
+        if overwrite:
+            files.remove()
+        manifest = files.read(MANIFEST)
+        if manifest is None:
+            store = CacheStore.create(url, identity)
+        else:
+            store = CacheStore.open(url)
+            _check_identity(url, store.identity, identity)
+        if barrier:
+            barrier()
+        return store
+    if barrier:
+        barrier()
+    elif overwrite:
+        raise CacheError("--overwrite with several writers needs torchrun (a rendezvous); run it once alone first")
+    deadline = time.monotonic() + MANIFEST_WAIT_SECONDS
+    while files.read(MANIFEST) is None:  # plain processes: wait for rank 0 to create the store
+        if time.monotonic() > deadline:
+            raise CacheError(f"{url}: rank 0 did not create the store within {MANIFEST_WAIT_SECONDS} s")
+        time.sleep(0.5)
+    store = CacheStore.open(url)
+    _check_identity(url, store.identity, identity)
+    return store
+
+
+def _check_identity(url: str, stored: dict, wanted: dict) -> None:
+    differences = identity_differences(stored, wanted)
+    if differences:
+        raise CacheError(f"{url} was built with other settings; refusing to extend it (use --overwrite to rebuild, "
+                         f"or another --out). Differences: " + "; ".join(differences[:6])
+                         + (f"; and {len(differences) - 6} more" if len(differences) > 6 else ""))
+
+
+def _distributed_barrier(world_size: int):
+    """With torchrun (MASTER_ADDR set) ranks meet at a gloo barrier; plain processes poll the manifest instead."""
+    if world_size == 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.barrier
+
+
+def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = False, rank: int | None = None,
+                   world_size: int | None = None, device: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Build (or resume) the cache of `config.teachers` over the shards in `data`; returns a summary."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    shard_set = ShardSet.open(data)
+    teachers = [create_teacher(spec, device) for spec in config.teachers]
+    if len({t.name for t in teachers}) != len(teachers):
+        raise CacheError(f"two teachers share a name: {[t.name for t in teachers]}; give local-dir paths distinct names")
+    precision = "bfloat16-autocast" if device.type == "cuda" else "float32"
+    identity = build_identity(shard_set, teachers, config, precision)
+    store = _open_or_create(out, identity, overwrite, rank, world_size, _distributed_barrier(world_size))
+    done = store.completed_shards()
+    todo = [j for j in shard_set.assigned_shards(rank, world_size) if j not in done]
+    sizes = sorted({t.preprocessing.input_size for t in teachers})
+    dataset = ViewedImages(shard_set, todo, config, sizes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.workers, collate_fn=_as_is,
+                                         prefetch_factor=8 if config.workers else None)
+    timings = {"decode": 0.0, "forward": 0.0, "write": 0.0}
+    images = 0
+    buffers: dict[int, ShardBuffer] = {}
+    for empty in (j for j in todo if shard_set.shards[j].count == 0):
+        ShardBuffer(store, empty, config).flush()
+    start = time.perf_counter()
+    with progress_bar("rates") as progress:
+        task = progress.add_task(f"caching (rank {rank}/{world_size})", total=sum(shard_set.shards[j].count for j in todo),
+                                 rates="", visible=show_progress)
+        for item in loader:
+            buffer = buffers.setdefault(item.shard_id, ShardBuffer(store, item.shard_id, config))
+            buffer.add(item)
+            timings["decode"] += item.seconds
+            if buffer.batch_ready:
+                tick = time.perf_counter()
+                buffer.run_batch(teachers, device)
+                timings["forward"] += time.perf_counter() - tick
+            if buffer.complete:
+                tick = time.perf_counter()
+                buffer.flush()
+                timings["write"] += time.perf_counter() - tick
+                del buffers[item.shard_id]
+            images += 1
+            rates = " · ".join(f"{stage} {images / max(seconds, 1e-9):,.0f} img/s" for stage, seconds in timings.items())
+            progress.update(task, advance=1, rates=rates)
+    if buffers:  # the data ended inside a shard: the index promised more samples than the tar holds
+        raise CacheError(f"shards {sorted(buffers)} ended early; their records were not written")
+    complete = store.finalize()
+    elapsed = time.perf_counter() - start
+    summary = {"store": out, "rank": rank, "world_size": world_size, "shards_written": len(todo),
+               "shards_skipped": len(shard_set.assigned_shards(rank, world_size)) - len(todo),
+               "images": images, "seconds": round(elapsed, 2), "images_per_second": round(images / max(elapsed, 1e-9), 1),
+               **{f"{stage}_images_per_second": round(images / max(s, 1e-9), 1) for stage, s in timings.items()},
+               "complete": complete}
+    if complete:
+        summary["invalid"] = store.manifest["completion"]["num_invalid"]
+    elif show_progress:
+        console.print(f"rank {rank}: done; {store.num_shards - len(store.completed_shards())} shards remain for other ranks")
+    return summary

@@ -1,0 +1,102 @@
+"""Students: any timm ViT, created without pretrained weights, exposing the tokens distillation needs.
+
+`create_student("vit_tiny_patch16_224", img_size=32, patch_size=4)` forwards the overrides to
+`timm.create_model`, so the architectures of the papers (ViT-Ti/S/B) and tiny CPU-sized variants come
+through one door. Export writes timm's `local-dir` layout, so a student is a teacher spec afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import timm
+import torch
+from timm.models import save_for_hf
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from distillery.errors import DistilleryError
+from distillery.models.teachers import Preprocessing
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StudentOutput(NamedTuple):
+    cls: torch.Tensor  # [B, D] after the final norm
+    patch: torch.Tensor  # [B, T, D] after the final norm
+    blocks: list[torch.Tensor] | None  # per block [B, 1 + T, D] before the final norm (CLS first), when asked
+
+
+class Student(nn.Module):
+    """A trainable ViT with its creation arguments, so it can be rebuilt from a checkpoint or exported."""
+
+    def __init__(self, arch: str, model_args: dict[str, Any] | None = None,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+        super().__init__()
+        self.arch, self.model_args = arch, dict(model_args or {})
+        try:
+            self.model = timm.create_model(arch, pretrained=False, num_classes=0, **self.model_args)
+        except (RuntimeError, TypeError) as error:
+            raise DistilleryError(f"student {arch!r} with {self.model_args}: {error}") from error
+        if not isinstance(self.model, VisionTransformer):
+            raise DistilleryError(f"student {arch!r} is a {type(self.model).__name__}; students must be timm ViTs")
+        if self.model.cls_token is None:
+            raise DistilleryError(f"student {arch!r} has no class token (set class_token=True)")
+        self.embed_dim = self.model.embed_dim
+        self.num_prefix_tokens = self.model.num_prefix_tokens
+        self.grid = tuple(self.model.patch_embed.grid_size)
+        height, width = self.model.patch_embed.img_size
+        self.preprocessing = Preprocessing((height, width), tuple(mean), tuple(std), "bicubic", 0.875)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    def forward(self, images: torch.Tensor, return_blocks: bool = False) -> StudentOutput:
+        if not return_blocks:
+            tokens = self.model.forward_features(images)
+            return StudentOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens:], None)
+        tokens, intermediates = self.model.forward_intermediates(
+            images, indices=self.depth, norm=False, output_fmt="NLC", return_prefix_tokens=True)
+        blocks = [torch.cat([prefix[:, :1], patch], dim=1) for patch, prefix in intermediates]
+        return StudentOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens:], blocks)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{name}" for name in self.model.no_weight_decay()}
+
+    def config(self) -> dict[str, Any]:
+        return {"arch": self.arch, "model_args": self.model_args, "mean": list(self.preprocessing.mean),
+                "std": list(self.preprocessing.std)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Student:
+        return cls(config["arch"], config["model_args"], tuple(config["mean"]), tuple(config["std"]))
+
+
+def create_student(arch: str, **overrides: Any) -> Student:
+    """The one door to a student. `overrides` go to `timm.create_model` (img_size, patch_size, drop_path_rate, depth, ...)."""
+    return Student(arch, overrides)
+
+
+def export_local_dir(student: Student, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                     tag: str = "distillery") -> Path:
+    """Write the backbone as a timm `local-dir` model with timm's `save_for_hf` (config.json + model.safetensors).
+
+    `timm.create_model("local-dir:OUT", pretrained=True)` rebuilds exactly this backbone; the
+    `pretrained_cfg` carries the input size and the mean/std the student was trained with, so evaluation
+    and `cache-teachers` preprocess as training did. `state_dict` (e.g. the EMA weights) replaces the
+    student's own weights when given.
+    """
+    model = student.model
+    if state_dict is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(state_dict)
+    height, width = student.preprocessing.input_size
+    pretrained_cfg = {"tag": tag, "input_size": (3, height, width), "interpolation": "bicubic",
+                      "crop_pct": student.preprocessing.crop_pct, "mean": student.preprocessing.mean,
+                      "std": student.preprocessing.std, "license": None, "url": None, "hf_hub_id": None}
+    save_for_hf(model, str(out), model_config={"pretrained_cfg": pretrained_cfg}, safe_serialization=True)
+    return Path(out)

@@ -1,0 +1,192 @@
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distillery.cache.store import CacheError, CacheStore, decode, encode, storage_tolerance
+from distillery.cache.verify import verify_store
+from distillery.cache.writer import CacheConfig, cache_teachers, pool_patches, view_image
+from distillery.data.shards import ShardSet, ShardWriter, decode_image
+from distillery.data.views import ViewConfig, normalize, replay
+from distillery.models.teachers import create_teacher
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".partial")}
+
+
+def _cli_env(**extra):
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
+
+
+def test_replayed_view_is_bit_identical_to_the_view_the_teacher_saw(synth_dir, cache_dir, teacher_specs):
+    store = CacheStore.open(str(cache_dir))
+    shard_set = ShardSet.open(synth_dir / "train")
+    teacher = create_teacher(teacher_specs[0])
+    config = CacheConfig(tuple(teacher_specs), views=2)
+    size = teacher.preprocessing.input_size
+    for position, record in enumerate(list(shard_set.records(1))[:5]):
+        seen = view_image(record, 1, position, config, [size])  # what the writer fed the teachers
+        stored_params = store.read_rows([record.index], [0])["views"][0]
+        replayed = replay(decode_image(record.image_bytes, record.key), stored_params, size)
+        assert torch.equal(seen.pixels[size][0], replayed)
+
+
+@pytest.mark.parametrize("spec_index", [0, 1])
+def test_cached_tokens_equal_a_fresh_forward_on_the_replayed_view(synth_dir, cache_dir, teacher_specs, spec_index):
+    store = CacheStore.open(str(cache_dir))
+    teacher = create_teacher(teacher_specs[spec_index])
+    shard_set = ShardSet.open(synth_dir / "train")
+    records = list(shard_set.records(2))[:6]
+    indices = [r.index for r in records]
+    for view in range(2):
+        stored = store.read_rows(indices, [view] * len(indices))
+        p = teacher.preprocessing
+        images = torch.stack([replay(decode_image(r.image_bytes, r.key), v, p.input_size)
+                              for r, v in zip(records, stored["views"])])
+        fresh = teacher(normalize(images, p.mean, p.std))
+        for part, value in (("cls", fresh.cls), ("patch", fresh.patch)):
+            cached = stored[f"{teacher.name}/{part}"]
+            assert cached.shape == value.shape
+            assert torch.allclose(cached, value, rtol=2**-10, atol=1e-4), part
+
+
+def test_block_reads_and_exact_statistics(cache_dir):
+    store = CacheStore.open(str(cache_dir))
+    assert store.is_complete and store.num_samples == 400 and store.num_views == 2
+    blocks = [store.read_block(j) for j in range(store.num_shards)]
+    assert [len(b["keys"]) for b in blocks] == [100] * 4
+    one_view = store.read_block(3, view=1)
+    assert torch.equal(one_view["teacher_b/patch"], blocks[3]["teacher_b/patch"][:, 1])
+    for t in store.teachers:
+        stats = store.stats(t.name)
+        cls = torch.cat([b[f"{t.name}/cls"] for b in blocks]).double().reshape(-1, t.dim)
+        patch = torch.cat([b[f"{t.name}/patch"] for b in blocks]).double().reshape(-1, t.dim)
+        assert torch.allclose(stats.cls_mean.double(), cls.mean(0), atol=1e-6)
+        assert torch.allclose(stats.cls_std.double(), cls.std(0, unbiased=False), atol=1e-6)
+        assert torch.allclose(stats.patch_std.double(), patch.std(0, unbiased=False), atol=1e-6)
+
+
+def test_int8_encoding_error_stays_within_its_stated_bound():
+    x = torch.randn(5, 3, 7, 16) * torch.linspace(0.01, 30, 16)
+    stored, scale = encode(x, "int8")
+    error = (decode(stored, scale, "int8") - x).abs() / x.abs().amax(-1, keepdim=True)
+    assert stored.dtype == np.int8 and scale.dtype == np.float16
+    assert error.max() <= storage_tolerance("int8")
+    bf16, _ = encode(x, "bfloat16")
+    assert ((decode(bf16, None, "bfloat16") - x).abs() / x.abs().amax(-1, keepdim=True)).max() <= storage_tolerance("bfloat16")
+
+
+def test_int8_pooled_and_cls_only_stores(synth_dir, teacher_specs, tmp_path):
+    data = str(synth_dir / "val")
+    cache_teachers(data, str(tmp_path / "q.zarr"), CacheConfig(tuple(teacher_specs), views=1, dtype="int8", patch_pool=2,
+                                                               workers=0), show_progress=False)
+    store = CacheStore.open(str(tmp_path / "q.zarr"))
+    assert [t.stored_grid for t in store.teachers] == [(4, 4), (2, 2)]
+    assert verify_store(store, data, recompute=4)["ok"]
+    teacher = create_teacher(teacher_specs[0])
+    record = next(ShardSet.open(data).records(0))
+    p = teacher.preprocessing
+    view = store.read_rows([record.index], [0])
+    fresh = teacher(normalize(replay(decode_image(record.image_bytes, "x"), view["views"][0], p.input_size)[None], p.mean, p.std))
+    pooled = pool_patches(fresh.patch, teacher.grid, 2)
+    bound = storage_tolerance("int8") * pooled.abs().amax(-1, keepdim=True)
+    assert ((view["teacher_a/patch"] - pooled).abs() <= bound).all()
+    cache_teachers(data, str(tmp_path / "c.zarr"), CacheConfig(tuple(teacher_specs), views=1, cls_only=True, workers=0),
+                   show_progress=False)
+    cls_only = CacheStore.open(str(tmp_path / "c.zarr"))
+    assert "teacher_a/cls" in cls_only.read_block(0, view=0, parts=("cls",))
+    with pytest.raises(CacheError, match="cls-only"):
+        cls_only.read_block(0, view=0)
+
+
+def test_two_ranks_give_the_same_store_as_one(synth_dir, teacher_specs, cache_dir, tmp_path):
+    cli = [sys.executable, "-m", "distillery.cli", "cache-teachers", "--data", str(synth_dir / "train"),
+           "--views", "2", "--workers", "1", "--out", str(tmp_path / "two.zarr")]
+    for spec in teacher_specs:
+        cli += ["--teacher", spec]
+    ranks = [subprocess.Popen(cli, env=_cli_env(RANK=str(r), WORLD_SIZE="2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in (1, 0)]  # rank 1 first: it must wait for rank 0
+    for process in ranks:
+        output = process.communicate(timeout=300)[0].decode()
+        assert process.returncode == 0, output
+    assert _tree(tmp_path / "two.zarr") == _tree(cache_dir)
+
+
+def test_resume_after_a_killed_writer_gives_the_same_store(synth_dir, teacher_specs, cache_dir, tmp_path):
+    out = tmp_path / "killed.zarr"
+    cli = [sys.executable, "-m", "distillery.cli", "cache-teachers", "--data", str(synth_dir / "train"),
+           "--views", "2", "--workers", "0", "--batch-size", "8", "--out", str(out)]
+    for spec in teacher_specs:
+        cli += ["--teacher", spec]
+    process = subprocess.Popen(cli, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "shards" / "000000.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "writer ended before its first shard"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    store = CacheStore.open(str(out))
+    assert 1 <= len(store.completed_shards()) < 4 and not store.is_complete
+    finished = subprocess.run(cli, env=_cli_env(), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert _tree(out) == _tree(cache_dir)
+
+
+def test_a_store_with_other_settings_is_refused(synth_dir, teacher_specs, cache_dir):
+    with pytest.raises(CacheError, match=r"views.count: store has 2, this run has 3"):
+        cache_teachers(str(synth_dir / "train"), str(cache_dir), CacheConfig(tuple(teacher_specs), views=3, workers=0),
+                       show_progress=False)
+    with pytest.raises(CacheError, match=r"teachers: store has 2 \(teacher_a, teacher_b\), this run has 1"):
+        cache_teachers(str(synth_dir / "train"), str(cache_dir), CacheConfig(tuple(teacher_specs[:1]), views=2, workers=0),
+                       show_progress=False)
+    with pytest.raises(CacheError, match="jitter_p"):
+        cache_teachers(str(synth_dir / "train"), str(cache_dir),
+                       CacheConfig(tuple(teacher_specs), views=2, view_config=ViewConfig(jitter_p=0), workers=0),
+                       show_progress=False)
+
+
+def test_a_corrupt_jpeg_ends_as_an_invalid_row_and_the_run_finishes(synth_dir, teacher_specs, tmp_path):
+    source = ShardSet.open(synth_dir / "val")
+    writer = ShardWriter(tmp_path / "data", shard_size=50)
+    for record in list(source.records(0))[:60]:
+        data = record.image_bytes
+        if record.key.endswith("0007"):
+            data = data[: len(data) // 3]  # truncated JPEG
+        writer.write(record.key, data, "jpg", record.label)
+    writer.close()
+    out = tmp_path / "store.zarr"
+    summary = cache_teachers(str(tmp_path / "data"), str(out), CacheConfig(tuple(teacher_specs), views=1, workers=0),
+                             show_progress=False)
+    assert summary["complete"] and summary["invalid"] == 1
+    store = CacheStore.open(str(out))
+    invalid = store.manifest["completion"]["invalid"]
+    assert [e["key"] for e in invalid] == ["val_0000007"] and "cannot decode" in invalid[0]["reason"]
+    block = store.read_block(0, view=0)
+    assert block["valid"].tolist() == [1] * 7 + [0] + [1] * 42
+    assert torch.count_nonzero(block["teacher_a/cls"][7]) == 0
+    report = verify_store(store, str(tmp_path / "data"), recompute=3)
+    assert report["ok"], report
+
+
+def test_cache_cli_info_and_verify(cache_dir, synth_dir):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "distillery.cli", *args], env=_cli_env(),  # noqa: E731
+                                       capture_output=True, text=True)
+    info = run("cache", "info", str(cache_dir))
+    assert info.returncode == 0 and "teacher_a (dim 48, grid 8x8" in info.stdout and "4/4" in info.stdout
+    good = run("cache", "verify", str(cache_dir), "--data", str(synth_dir / "train"), "--recompute", "2")
+    assert good.returncode == 0, good.stdout + good.stderr
+    wrong_data = run("cache", "verify", str(cache_dir), "--data", str(synth_dir / "val"))
+    assert wrong_data.returncode == 1 and "NO" in wrong_data.stdout
+    missing = run("cache", "info", str(cache_dir.parent / "nothing.zarr"))
+    assert missing.returncode == 2 and "not a distillery cache" in missing.stderr
