@@ -1,0 +1,135 @@
+"""Training configuration: a YAML file whose keys mirror `distillery train`'s options; the CLI overrides it.
+
+Method settings live under a key named after the method (`dino:`, `unic:`, ...) and are checked against
+that method's own config dataclass. The resolved config is saved in the run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distillery.errors import DistilleryError
+
+
+class ConfigError(DistilleryError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str
+    data: str
+    out: str
+    student: str = "vit_tiny_patch16_224"
+    student_args: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many steps; the schedules still span `epochs`
+    batch_size: int = 256  # global: split evenly across ranks
+    lr: float = 5e-4  # at batch 256; scaled linearly with the batch size when lr_scaling is "linear"
+    lr_scaling: str = "linear"
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float | None = None  # cosine schedule to this value (DINO: 0.04 -> 0.4); None = constant
+    clip_grad: float = 3.0  # max global gradient norm; 0 turns clipping off
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    workers: int = 2
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    cache: str | None = None  # teacher targets from this store...
+    teachers: list[str] = field(default_factory=list)  # ...or these teachers run online
+    stats_from: str | None = None  # online mode: standardisation statistics from this store
+    stats_samples: int = 512  # online mode without stats_from: images in the statistics pre-pass
+    views: int = 4  # online mode: views per image, drawn as a cache with this count would be
+    view_seed: int = 0  # online mode: seed of the views
+    view_config: dict[str, Any] = field(default_factory=dict)  # online mode: ViewConfig overrides
+    method_config: dict[str, Any] = field(default_factory=dict)  # the `<method>:` section
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("batch_size and epochs must be positive")
+        if self.lr_scaling not in ("linear", "none"):
+            raise ConfigError(f"lr_scaling must be 'linear' or 'none', got {self.lr_scaling!r}")
+        if self.cache and self.teachers:
+            raise ConfigError("give either --cache or --teacher, not both")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["betas"] = list(self.betas)
+        section = values.pop("method_config")
+        return {**values, self.method: section} if section else values
+
+
+OPTION_NAMES = {f.name for f in fields(TrainConfig)} - {"method_config"}
+# What a resumed run may change: none of these alter the data stream, the model or the schedules.
+RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    return values
+
+
+def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Merge a config file's values with the command line's (CLI wins; None on the CLI means 'not given')."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in cli_values.items() if v is not None})
+    method = merged.get("method")
+    if not method:
+        raise ConfigError(f"{source}: no method given (--method or `method:` in the config)")
+    from distillery.train.methods import method_names
+
+    section = merged.pop(method, None) or {}
+    unknown = sorted(set(merged) - OPTION_NAMES)
+    stray = [k for k in unknown if k in method_names()]
+    if stray:
+        raise ConfigError(f"{source}: section {stray[0]!r} is for another method; this run's method is {method!r}")
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(OPTION_NAMES))}")
+    for key in ("data", "out"):
+        if not merged.get(key):
+            raise ConfigError(f"{source}: no {key} given (--{key} or `{key}:` in the config)")
+    if "betas" in merged:
+        merged["betas"] = tuple(merged["betas"])
+    try:
+        return TrainConfig(**merged, method_config=section)
+    except TypeError as error:
+        raise ConfigError(f"{source}: {error}") from error
+
+
+def method_settings(config_class: type, values: dict[str, Any], method: str) -> Any:
+    """Build a method's config dataclass from its section, naming any key it does not have."""
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"`{method}:` section: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return config_class(**converted)
+
+
+def save(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_saved(path: str | Path) -> TrainConfig:
+    values = read_yaml(path)
+    return resolve(values, {}, str(path))

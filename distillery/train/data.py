@@ -1,0 +1,216 @@
+"""The training data stream: image shards (and the matching cache blocks) to batches, exactly resumable.
+
+Each epoch has a seeded shard order; rank r takes every W-th shard of it and each DataLoader worker whole
+shards of those, so no shard is read twice in an epoch. A worker reads a shard's images and, with a cache,
+the shard's block of the chosen view in one sequential read per array, checks every row's key against the
+image's, shuffles in memory, and renders what the method asked for from one decode of each image:
+
+- the teacher view (cached or online): the view the teachers saw, replayed at the student's size;
+- a random view (supervised) and multi-crops (DINO), drawn on the fly from counter-based generators;
+- the label, and the cached targets or (online mode) the teacher-sized pixels.
+
+Which of the V cached views a shard uses cycles with the epoch from a seeded offset, so within V epochs
+every sample sees each of its views once and a block read touches one view only (views are independent
+draws, so choosing per shard rather than per sample changes no statistic).
+
+Every worker stream is endless (epochs follow each other), so all ranks can take the same number of steps
+whatever their shard sizes. Every batch carries the position its worker will continue from; the loop
+stores the positions of the batches it consumed, and a resumed run starts each worker exactly there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from distillery.cache.store import CacheError, CacheStore
+from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
+from distillery.data.views import (STREAM_CROPS, STREAM_RANDOM_VIEW, STREAM_SAMPLE_ORDER, STREAM_SHARD_ORDER,
+                                   STREAM_VIEW_CHOICE, ViewConfig, counter_rng, draw_view, replay, sample_view)
+from distillery.errors import DistilleryError
+
+MAX_CROPS_PER_EPOCH = 64  # crop counters are epoch * 64 + crop number
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """`count` crops of `size`; crop k is drawn with `views[min(k, len(views) - 1)]` (DINO's two globals differ)."""
+
+    name: str
+    count: int
+    size: tuple[int, int]
+    views: tuple[ViewConfig, ...]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    teacher_view: bool = False  # batch["student"] = the cached/online teacher view at the student's size
+    random_view: ViewConfig | None = None  # batch["student"] = a fresh random view
+    crops: tuple[CropSpec, ...] = ()  # batch["crops/<name>"]
+    labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.teacher_view and self.random_view is not None:
+            raise ValueError("a sample's student view is either the teacher view or a random view")
+        if sum(c.count for c in self.crops) > MAX_CROPS_PER_EPOCH:
+            raise ValueError(f"at most {MAX_CROPS_PER_EPOCH} crops per sample")
+
+
+@dataclass(frozen=True)
+class TeacherViews:
+    """Where the teacher view and its targets come from: a cache store, or online teachers of these sizes."""
+
+    num_views: int
+    view_seed: int
+    view_config: ViewConfig
+    cache_url: str | None = None
+    teacher_names: tuple[str, ...] = ()
+    online_sizes: tuple[tuple[int, int], ...] = ()
+
+
+class Position(NamedTuple):
+    """Where a worker's stream continues: epoch, index into its shard list for that epoch, record in shard order."""
+
+    epoch: int = 0
+    slot: int = 0
+    record: int = 0
+
+
+@dataclass
+class TrainStream(torch.utils.data.IterableDataset):
+    shard_set: ShardSet
+    spec: SampleSpec
+    student_size: tuple[int, int]
+    batch_size: int  # per rank
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 1
+    teacher_views: TeacherViews | None = None
+    start: list[Position] = field(default_factory=list)  # per stream; empty = from the beginning
+    first_batch: int = 0  # batches already taken (resume): the loader's worker w plays stream (w + first_batch) % W
+
+    def __post_init__(self) -> None:
+        if len(self.shard_set) < self.world_size * self.num_workers:
+            raise DistilleryError(f"{self.shard_set.root}: {len(self.shard_set)} shards cannot feed {self.world_size} "
+                                  f"ranks x {self.num_workers} workers; use fewer workers or smaller shards")
+        self._store: CacheStore | None = None
+
+    def shards_of(self, epoch: int, worker: int) -> list[int]:
+        order = counter_rng(self.seed, 0, STREAM_SHARD_ORDER, epoch).permutation(len(self.shard_set))
+        return [int(s) for s in order[self.rank::self.world_size][worker::self.num_workers]]
+
+    def view_of(self, shard_id: int, epoch: int) -> int:
+        offset = int(counter_rng(self.seed, shard_id, STREAM_VIEW_CHOICE, 0).integers(self.teacher_views.num_views))
+        return (epoch + offset) % self.teacher_views.num_views
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers != self.num_workers:
+            raise DistilleryError(f"stream built for {self.num_workers} workers runs in {info.num_workers}")
+        # A DataLoader hands out batches from its workers in turn, starting with worker 0; after a resume at
+        # batch k the next batch is due from stream k % W, so the workers take up the streams shifted by k.
+        stream = ((info.id if info else 0) + self.first_batch) % self.num_workers
+        buffer: list[dict[str, Any]] = []
+        for sample, position in self._samples(stream, self.start[stream] if self.start else Position()):
+            buffer.append(sample)
+            if len(buffer) == self.batch_size:
+                yield collate(buffer, stream, position)
+                buffer = []
+
+    def _samples(self, worker: int, start: Position) -> Iterator[tuple[dict[str, Any], Position]]:
+        epoch, slot, first = start
+        while True:
+            shards = self.shards_of(epoch, worker)
+            for slot in range(slot, len(shards)):
+                shard_id = shards[slot]
+                records = list(self.shard_set.records(shard_id))
+                block, view = self._cache_block(shard_id, epoch, records)
+                order = counter_rng(self.seed, shard_id, STREAM_SAMPLE_ORDER, epoch).permutation(len(records))
+                for k in range(first, len(order)):
+                    position = int(order[k])
+                    if block is not None and not block["valid"][position]:
+                        continue
+                    record = records[position]
+                    try:
+                        image = decode_image(record.image_bytes, f"{record.shard}:{record.key}")
+                    except ImageDecodeError:
+                        continue  # counted by the cache (valid=0) or by `data shards`; training skips it
+                    yield self._sample(record, image, epoch, view, block, position), Position(epoch, slot, k + 1)
+                first = 0
+            slot, epoch = 0, epoch + 1
+
+    def _cache_block(self, shard_id: int, epoch: int, records: list) -> tuple[dict | None, int | None]:
+        if self.teacher_views is None:
+            return None, None
+        view = self.view_of(shard_id, epoch)
+        if self.teacher_views.cache_url is None:
+            return None, view
+        if self._store is None:
+            self._store = CacheStore.open(self.teacher_views.cache_url)
+        block = self._store.read_block(shard_id, view=view, teachers=list(self.teacher_views.teacher_names),
+                                       decoded=False)
+        keys = [r.key for r in records]
+        if list(block["keys"]) != keys:
+            bad = next(i for i, (a, b) in enumerate(zip(block["keys"], keys)) if a != b)
+            raise CacheError(f"{self.teacher_views.cache_url}: shard {self.shard_set.shards[shard_id].name} row {bad} "
+                             f"holds key {block['keys'][bad]!r} but the image there is {keys[bad]!r}")
+        return block, view
+
+    def _sample(self, record, image, epoch: int, view: int | None, block: dict | None, position: int) -> dict[str, Any]:
+        sample: dict[str, Any] = {"index": record.index}
+        if self.spec.labels:
+            if record.label is None:
+                raise DistilleryError(f"{record.shard}:{record.key} has no label, and this method needs labels")
+            sample["label"] = record.label
+        if self.spec.teacher_view:
+            tv = self.teacher_views
+            params = (block["views"][position, view] if block is not None
+                      else draw_view(tv.view_config, tv.view_seed, record.index, view, image.height, image.width))
+            sample["student"] = replay(image, params, self.student_size)
+            for size in tv.online_sizes:
+                sample[f"teacher_pixels/{size[0]}x{size[1]}"] = replay(image, params, size)
+            if block is not None:
+                for key, values in block.items():
+                    if "/" in key:
+                        sample[f"targets/{key}"] = torch.from_numpy(np.ascontiguousarray(values[position]))
+        elif self.spec.random_view is not None:
+            rng = counter_rng(self.seed, record.index, STREAM_RANDOM_VIEW, epoch)
+            sample["student"] = replay(image, sample_view(rng, self.spec.random_view, image.height, image.width),
+                                       self.student_size)
+        crop_number = 0
+        for crop in self.spec.crops:
+            rendered = []
+            for k in range(crop.count):
+                rng = counter_rng(self.seed, record.index, STREAM_CROPS, epoch * 64 + crop_number)
+                config = crop.views[min(k, len(crop.views) - 1)]
+                rendered.append(replay(image, sample_view(rng, config, image.height, image.width), crop.size))
+                crop_number += 1
+            sample[f"crops/{crop.name}"] = torch.stack(rendered)
+        return sample
+
+
+def collate(samples: list[dict[str, Any]], stream: int, position: Position) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+    batch["_stream"], batch["_position"] = stream, tuple(position)
+    return batch
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_loader(stream: TrainStream, processes: int, seed: int) -> torch.utils.data.DataLoader:
+    """`processes` DataLoader workers (0: in this process); they take turns, so batch k is stream k mod W's."""
+    if max(1, processes) != stream.num_workers:
+        raise DistilleryError(f"stream split for {stream.num_workers} workers, loader given {processes}")
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=processes, collate_fn=_as_is,
+                                       prefetch_factor=4 if processes else None,
+                                       generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,30 @@
+"""`distillery export`: a run's backbone (heads dropped) as a timm `local-dir` model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distillery.models.students import Student, export_local_dir
+from distillery.train import checkpoint as ckpt
+
+BACKBONE_PREFIX = "student.model."
+EMA_BACKBONE_PREFIX = "module.backbone.model."
+
+
+def export_run(run_dir: str | Path, out: str | Path, ema: bool = False, checkpoint: str | Path | None = None) -> Path:
+    """Export the newest checkpoint of `run_dir` (or `checkpoint`); `ema` takes the EMA weights (DINO's teacher)."""
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    state = ckpt.load_checkpoint(path)
+    student = Student.from_config(state["student_config"])
+    if ema:
+        if state.get("ema") is None:
+            raise ckpt.CheckpointError(f"{path}: this run kept no EMA model (its method has none); export without --ema")
+        weights, prefix = state["ema"], EMA_BACKBONE_PREFIX
+    else:
+        weights, prefix = state["model"], BACKBONE_PREFIX
+    backbone = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        student.model.load_state_dict(backbone)
+    except RuntimeError as error:
+        raise ckpt.CheckpointError(f"{path}: backbone weights do not fit {student.arch} ({str(error).splitlines()[0]})") from error
+    return export_local_dir(student, out, tag=f"distillery-{'ema' if ema else 'student'}-step{state['step']}")

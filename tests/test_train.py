@@ -1,0 +1,173 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from distillery.errors import DistilleryError
+from distillery.models.students import Student
+from distillery.train import checkpoint as ckpt
+from distillery.train.config import TrainConfig
+from distillery.train.data import TrainStream
+from distillery.train.distributed import DistInfo
+from distillery.train.export import export_run
+from distillery.train.loop import Trainer, TrainingError, train
+from distillery.train.schedules import warmup_constant, warmup_cosine
+from tests.conftest import TINY_DINO, TINY_STUDENT, TINY_SUPERVISED
+
+
+def _config(data, out, method, **overrides) -> TrainConfig:
+    values = dict(method=method, data=str(data / "train"), out=str(out), student_args=TINY_STUDENT, epochs=30,
+                  max_steps=40, batch_size=32, lr=3e-3, warmup_epochs=0, workers=0, log_every=1, seed=0,
+                  method_config=TINY_DINO if method == "dino" else TINY_SUPERVISED)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli_env():
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+@pytest.mark.parametrize("method", ["supervised", "dino"])
+def test_training_brings_the_loss_down(tiny_synth, tmp_path, method):
+    Trainer(_config(tiny_synth, tmp_path / method, method, lr=8e-3 if method == "supervised" else 3e-3), DistInfo()).fit()
+    losses = _losses(tmp_path / method)
+    assert len(losses) == 40
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.9 * first, (first, last)
+
+
+def test_schedules():
+    assert warmup_cosine(0, 100, 1.0, 0.0, warmup_steps=10) == 0.0
+    assert warmup_cosine(5, 100, 1.0, 0.0, warmup_steps=10) == 0.5
+    assert warmup_cosine(10, 100, 1.0, 0.0, warmup_steps=10) == 1.0
+    assert abs(warmup_cosine(55, 100, 1.0, 0.0, warmup_steps=10) - 0.5) < 1e-12
+    assert warmup_cosine(100, 100, 0.996, 1.0) == 1.0
+    assert warmup_constant(3, 0.07, warmup_steps=6, warmup_start=0.04) == pytest.approx(0.055)
+    assert warmup_constant(9, 0.07, warmup_steps=6, warmup_start=0.04) == 0.07
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_synth, tmp_path):
+    """DINO (EMA teacher, centre, crops) with two data workers: the losses after a resume are the same numbers."""
+    common = dict(method="dino", data=str(tiny_synth / "train"), student_args=TINY_STUDENT, epochs=30, batch_size=16,
+                  lr=3e-3, warmup_epochs=1, workers=2, log_every=1, checkpoint_every=5, method_config=TINY_DINO)
+    whole = tmp_path / "whole"
+    Trainer(TrainConfig(out=str(whole), max_steps=12, **common), DistInfo()).fit()
+    part = tmp_path / "part"
+    train({k: v for k, v in dict(out=str(part), max_steps=7, **common).items() if k != "method_config"} | {"method": "dino"},
+          config_file=_write_yaml(tmp_path / "c.yaml", {"dino": TINY_DINO}))
+    # The run stopped at step 7 and saved there; step-5 is the newest periodic checkpoint, remove step 7 so the
+    # resume has to replay steps 6-7 too.
+    (part / "checkpoints" / "step-00000007.pt").unlink()
+    summary = train({"out": str(part), "max_steps": 12}, resume=True)
+    assert summary["steps"] == 12
+    assert _losses(part) == _losses(whole)
+    final_whole = ckpt.load_checkpoint(whole / "checkpoints" / "step-00000012.pt")
+    final_part = ckpt.load_checkpoint(part / "checkpoints" / "step-00000012.pt")
+    for key, value in final_whole["model"].items():
+        assert torch.equal(value, final_part["model"][key]), key
+    assert torch.equal(final_whole["model"]["method.objective.center"], final_part["model"]["method.objective.center"])
+
+
+def _write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_two_process_ddp_agrees_with_one_process_on_the_global_batch(tiny_synth, tmp_path):
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+               "-m", "distillery.cli", "train", "--method", "dino", "--data", str(tiny_synth / "train"),
+               "--out", str(run), "--config", str(_write_yaml(tmp_path / "d.yaml", {
+                   "student_args": TINY_STUDENT, "epochs": 10, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0,
+                   "workers": 0, "log_every": 1, "dino": TINY_DINO})), "--max-steps", "1", "--device", "cpu"]
+    result = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ddp = ckpt.load_checkpoint(run / "checkpoints" / "step-00000001.pt")
+
+    config = _config(tiny_synth, tmp_path / "single", "dino", epochs=10, max_steps=1, batch_size=32)
+    single = Trainer(config, DistInfo())
+    halves = [next(iter(TrainStream(single.loader.dataset.shard_set, single.method.sample_spec(), (32, 32), 16, 0,
+                                    rank=rank, world_size=2, num_workers=1))) for rank in (0, 1)]
+    global_batch = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0] if isinstance(halves[0][k], torch.Tensor)}
+    single.train_step(global_batch, 0)
+    for key, value in single.module.state_dict().items():
+        assert torch.allclose(value, ddp["model"][key], rtol=1e-4, atol=1e-6), key
+    assert len(ddp["rng"]) == 2 and len(ddp["data"]["positions"]) == 2
+
+
+def test_export_rebuilds_the_trained_backbone_exactly(tiny_synth, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_config(tiny_synth, run, "dino", max_steps=3), DistInfo()).fit()
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    for ema, prefix in ((False, "student.model."), (True, "module.backbone.model.")):
+        out = export_run(run, tmp_path / f"export_{ema}", ema=ema)
+        model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        reference = Student.from_config(state["student_config"])
+        weights = state["ema"] if ema else state["model"]
+        reference.model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        images = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model.forward_features(images), reference.eval().model.forward_features(images))
+        assert model.pretrained_cfg["mean"] == list(reference.preprocessing.mean)
+    student_only = tmp_path / "sup"
+    Trainer(_config(tiny_synth, student_only, "supervised", max_steps=1), DistInfo()).fit()
+    with pytest.raises(ckpt.CheckpointError, match="no EMA"):
+        export_run(student_only, tmp_path / "x", ema=True)
+
+
+def test_a_non_finite_loss_stops_the_run_and_names_the_last_good_checkpoint(tiny_synth, tmp_path):
+    trainer = Trainer(_config(tiny_synth, tmp_path / "nan", "supervised", checkpoint_every=2, max_steps=10), DistInfo())
+    forward = trainer.module.method.forward
+
+    def poisoned(student, batch, step, ema):
+        losses = forward(student, batch, step, ema)
+        return {**losses, "loss": losses["loss"] * float("nan")} if step == 4 else losses
+
+    trainer.module.method.forward = poisoned
+    with pytest.raises(TrainingError, match=r"step 5: the loss is not finite .*step-00000004\.pt"):
+        trainer.fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "nan")] == ["step-00000002.pt", "step-00000004.pt"]
+
+
+def test_cli_overrides_the_config_file_and_saves_the_resolved_config(tiny_synth, tmp_path):
+    config = _write_yaml(tmp_path / "c.yaml", {"method": "supervised", "student_args": TINY_STUDENT, "epochs": 3,
+                                              "batch_size": 16, "lr": 1e-3, "workers": 0})
+    train({"data": str(tiny_synth / "train"), "out": str(tmp_path / "run"), "max_steps": 2, "batch_size": 32}, config)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "batch_size: 32" in saved and "lr: 0.001" in saved and "max_steps: 2" in saved
+    with pytest.raises(DistilleryError, match="already holds a run"):
+        train({"data": str(tiny_synth / "train"), "out": str(tmp_path / "run")}, config)
+    with pytest.raises(DistilleryError, match="options differ: lr"):
+        train({"out": str(tmp_path / "run"), "lr": 0.5}, resume=True)
+
+
+def test_bad_inputs_give_one_line_errors(tiny_synth, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "distillery.cli", *args], env=_cli_env(), capture_output=True, text=True)
+
+    unknown = _write_yaml(tmp_path / "u.yaml", {"method": "supervised", "epochz": 3})
+    result = run("train", "--config", str(unknown), "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "unknown config key 'epochz'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    section = _write_yaml(tmp_path / "s.yaml", {"method": "dino", "dino": {"out_dimm": 3}})
+    result = run("train", "--config", str(section), "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r2"))
+    assert result.returncode == 2 and "`dino:` section: unknown key 'out_dimm'" in result.stderr
+    broken = tmp_path / "broken" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "step-00000003.pt").write_bytes(b"not a checkpoint" * 10)
+    result = run("export", str(tmp_path / "broken"), "--out", str(tmp_path / "e"))
+    assert result.returncode == 2 and "step-00000003.pt: not a readable checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run("train", "--method", "nope", "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r3"))
+    assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
