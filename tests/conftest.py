@@ -63,3 +63,14 @@ TINY_DINO = {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops
              "center_momentum": 0.99}
 # Supervised on 64 images: light augmentation, so fitting them shows within a few dozen steps.
 TINY_SUPERVISED = {"crop_scale": (0.8, 1.0), "jitter": 0.0, "label_smoothing": 0.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_synth, teacher_specs):
+    """Both teachers over the 64-image set, 2 views; teacher_a's 8x8 grid differs from TINY_STUDENT's 4x4."""
+    from distillery.cache.writer import CacheConfig, cache_teachers
+
+    out = tmp_path_factory.mktemp("tiny_cache") / "store.zarr"
+    cache_teachers(str(tiny_synth / "train"), str(out), CacheConfig(tuple(teacher_specs), views=2, workers=0),
+                   show_progress=False)
+    return out

@@ -142,7 +142,8 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.student = Student(config.student, {"dynamic_img_size": True, **config.student_args})
-        self.teachers = _setup_teachers(config, method_cls, shard_set, self.student.grid, device)
+        with torch.random.fork_rng(devices=[]):  # building teacher models must not move the seeded init of the heads
+            self.teachers = _setup_teachers(config, method_cls, shard_set, self.student.grid, device)
         context = MethodContext(
             student_dim=self.student.embed_dim, student_grid=self.student.grid,
             student_size=self.student.preprocessing.input_size, student_depth=self.student.depth,

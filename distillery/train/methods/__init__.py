@@ -28,7 +28,7 @@ from distillery.errors import DistilleryError
 from distillery.train.data import SampleSpec
 
 _REGISTRY: dict[str, type[Method]] = {}
-_MODULES = ("supervised", "dino")
+_MODULES = ("supervised", "dino", "unic", "sefa", "tintem")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,14 @@ class DinoConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_size: int | None = None  # None: 96/224 of the student's input size, in whole patches
+    # Colour augmentation (main_dino.py: ColorJitter(0.4, 0.4, 0.2, 0.1) at p=0.8, grayscale p=0.2). Data where
+    # an image's colours identify it (the embedded synth set) needs more, or DINO learns colour instead of shape.
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
@@ -105,8 +113,8 @@ class DinoObjective(nn.Module):
         c, size = self.config, self.context.student_size
         patch = size[0] // self.context.student_grid[0]
         local = c.local_size or max(patch, round(size[0] * 96 / 224 / patch) * patch)
-        base = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2,
-                    blur_sigma=(0.1, 2.0))
+        base = dict(flip_p=0.5, jitter_p=c.jitter_p, brightness=c.brightness, contrast=c.contrast, saturation=c.saturation,
+                    hue=c.hue, grayscale_p=c.grayscale_p, blur_sigma=(0.1, 2.0))
         global_1 = ViewConfig(scale=c.global_scale, blur_p=1.0, solarize_p=0.0, **base)
         global_2 = ViewConfig(scale=c.global_scale, blur_p=0.1, solarize_p=0.2, **base)
         local_view = ViewConfig(scale=c.local_scale, blur_p=0.5, solarize_p=0.0, **base)

@@ -1,0 +1,108 @@
+"""`sefa`: multi-teacher distillation regularised by DINO self-supervision ("Self-Supervision Improves
+Multi-Teacher Distillation", ICLR 2026 submission; no public code, built from its equations).
+
+    L = λ · L_DINO + (1 − λ) · L_distill,   L_distill = Σ_teachers L_sim,   L_sim = α (1 − cos) + (1 − α) smoothL1
+
+λ = 0.5 (the paper's Table 20), α = 0.5. L_sim is averaged over dimensions and tokens per image, CLS and
+patch averaged (CLS only as an option), no teacher dropping. Distillation heads are DINO-head-like MLPs
+(Linear-GELU-Linear-GELU-Linear, 2048 hidden) per teacher and token type, on standardised targets. The
+DINO part is the `dino` method's objective unchanged (EMA copy of student + DINO head, 2 global + L local
+crops). The distillation input is the cached view, replayed at the student's size as one more student
+forward; the DINO crops are drawn on the fly from the same decoded image (README: how they relate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distillery.train.config import method_settings
+from distillery.train.data import SampleSpec
+from distillery.train.methods import Method, MethodContext, register_method
+from distillery.train.methods.dino import DinoConfig, DinoObjective
+from distillery.train.methods.unic import token_loss
+
+
+@dataclass(frozen=True)
+class SefaConfig:
+    ssl_weight: float = 0.5  # λ, SeFA Table 20
+    alpha: float = 0.5  # weight of (1 - cos) in L_sim
+    cls_only: bool = False
+    head_hidden_dim: int = 2048
+    dino: dict = field(default_factory=dict)  # DinoConfig settings of the SSL part
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ssl_weight <= 1:
+            raise ValueError(f"sefa ssl_weight (λ) must be in [0, 1], got {self.ssl_weight}")
+
+
+class DistillHead(nn.Module):
+    """A DINO-head-like MLP (Linear-GELU-Linear-GELU-Linear) from the student's width to a teacher's."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, out_dim))
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def sefa_loss(ssl_loss: torch.Tensor, distill_loss: torch.Tensor, ssl_weight: float) -> torch.Tensor:
+    return ssl_weight * ssl_loss + (1 - ssl_weight) * distill_loss
+
+
+@register_method
+class Sefa(Method):
+    name = "sefa"
+    config_class = SefaConfig
+    uses_teachers = True
+    standardize_targets = True
+
+    def __init__(self, config: SefaConfig, context: MethodContext):
+        super().__init__(config, context)
+        self.objective = DinoObjective(method_settings(DinoConfig, config.dino, "sefa.dino"), context)
+        parts = ("cls",) if config.cls_only else ("cls", "patch")
+        self.heads = nn.ModuleDict({
+            t.name: nn.ModuleDict({p: DistillHead(context.student_dim, config.head_hidden_dim, t.dim) for p in parts})
+            for t in context.teachers})
+
+    def sample_spec(self) -> SampleSpec:
+        return SampleSpec(teacher_view=True, crops=self.objective.crop_specs())
+
+    def distill_loss(self, student, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = student(batch["student"])
+        tokens = {"cls": out.cls, "patch": out.patch}
+        total, metrics = 0.0, {}
+        for name, heads in self.heads.items():
+            target = batch["targets"][name]
+            per_part = [token_loss(head(tokens[part]).float(), getattr(target, part), self.config.alpha, 1 - self.config.alpha)
+                        for part, head in heads.items()]
+            similarity = torch.stack(per_part).mean(0).mean()
+            metrics[f"loss/{name}"] = similarity.detach()
+            total = total + similarity
+        return total, metrics
+
+    def forward(self, student, batch, step, ema):
+        distill, metrics = self.distill_loss(student, batch)
+        ssl = self.objective(student, batch, step, ema)
+        loss = sefa_loss(ssl, distill, self.config.ssl_weight)
+        return {"loss": loss, "dino": ssl.detach(), "distill": distill.detach(), **metrics, **self.objective.diagnostics}
+
+    def ema_heads(self) -> dict[str, nn.Module]:
+        return {"head": self.objective.head}
+
+    def ema_momentum(self, step: int) -> float:
+        return self.objective.ema_momentum(step)
+
+    def before_optimizer_step(self, step: int) -> None:
+        self.objective.before_optimizer_step(step)
+
+    def after_step(self, step: int) -> None:
+        self.objective.after_step(step)

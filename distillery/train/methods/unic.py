@@ -1,0 +1,128 @@
+"""`unic`: multi-teacher distillation with teacher dropping (Sariyildiz et al., ECCV 2024; naver/unic).
+
+Per teacher a head maps the student's tokens to the teacher's space: an MLP on the final tokens by
+default, or UNIC's ladder of projectors (one Linear-GELU-Linear per student block on that block's
+tokens, summed; hidden 768, 3072 on the last block). Per teacher and token type the loss is
+`0.5 * (1 - cos) + 0.5 * smoothL1(beta=1)` averaged over dimensions; patch losses are averaged over
+tokens; CLS and patch are averaged, giving one loss per (teacher, image). Teacher dropping, per image:
+the teacher with the highest loss is always kept, every other is dropped with p=0.5; the 0/1
+coefficients are detached and divided by their sum over all (teacher, image) pairs (naver/unic
+teacher_dropping.py; its comment says "per image", its code divides by the global sum, which we follow).
+Targets are the teachers' post-norm tokens standardised per teacher and token type with the cache's exact
+dataset statistics (UNIC keeps EMA batch statistics because it has no cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillery.train.data import SampleSpec
+from distillery.train.distributed import rank
+from distillery.train.methods import Method, MethodContext, register_method
+
+
+@dataclass(frozen=True)
+class UnicConfig:
+    head: str = "mlp"  # "mlp" or "ladder"
+    mlp_hidden_dim: int = 2048
+    ladder_hidden_dim: int = 768  # naver/unic modeling/unic.py: 768 for intermediate blocks...
+    ladder_last_hidden_dim: int = 3072  # ...and 3072 for the last one
+    drop_prob: float = 0.5
+    cos_weight: float = 0.5
+    smooth_l1_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.head not in ("mlp", "ladder"):
+            raise ValueError(f"unic head must be 'mlp' or 'ladder', got {self.head!r}")
+
+
+def token_loss(prediction: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.5,
+               smooth_l1_weight: float = 0.5) -> torch.Tensor:
+    """Per-image loss: `cos_weight * (1 - cos) + smooth_l1_weight * smoothL1(beta=1)` averaged over
+    dimensions, then over tokens. `prediction`, `target`: [B, D] (CLS) or [B, T, D] (patches) -> [B]."""
+    cos = 1 - F.cosine_similarity(prediction, target, dim=-1)
+    smooth_l1 = F.smooth_l1_loss(prediction, target, beta=1.0, reduction="none").mean(-1)
+    loss = cos_weight * cos + smooth_l1_weight * smooth_l1
+    return loss.mean(-1) if loss.ndim == 2 else loss
+
+
+def teacher_coefficients(losses: torch.Tensor, drop_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """UNIC's teacher dropping. `losses` [n_teachers, B] -> detached coefficients [n_teachers, B] summing to 1:
+    the highest-loss teacher of each image is kept, every other is kept with probability 1 - drop_prob."""
+    keep = torch.rand(losses.shape, generator=generator, device="cpu").to(losses.device) >= drop_prob
+    keep[losses.detach().argmax(0), torch.arange(losses.shape[1], device=losses.device)] = True
+    coefficients = keep.float()
+    return (coefficients / coefficients.sum()).detach()
+
+
+class MLPHead(nn.Module):
+    """Linear-GELU-Linear from the student's width to a teacher's."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        for layer in (self.net[0], self.net[2]):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LadderHead(nn.Module):
+    """UNIC's ladder of projectors: one MLP per student block, applied to that block's tokens, summed."""
+
+    def __init__(self, in_dim: int, depth: int, hidden_dim: int, last_hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.projectors = nn.ModuleList(
+            MLPHead(in_dim, last_hidden_dim if i == depth - 1 else hidden_dim, out_dim) for i in range(depth))
+
+    def forward(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([projector(x) for projector, x in zip(self.projectors, blocks)]).sum(0)
+
+
+@register_method
+class Unic(Method):
+    name = "unic"
+    config_class = UnicConfig
+    uses_teachers = True
+    standardize_targets = True
+
+    def __init__(self, config: UnicConfig, context: MethodContext):
+        super().__init__(config, context)
+        d, depth = context.student_dim, context.student_depth
+
+        def head(out_dim: int) -> nn.Module:
+            if config.head == "ladder":
+                return LadderHead(d, depth, config.ladder_hidden_dim, config.ladder_last_hidden_dim, out_dim)
+            return MLPHead(d, config.mlp_hidden_dim, out_dim)
+
+        self.heads = nn.ModuleDict({t.name: nn.ModuleDict({"cls": head(t.dim), "patch": head(t.dim)})
+                                    for t in context.teachers})
+
+    def sample_spec(self) -> SampleSpec:
+        return SampleSpec(teacher_view=True)
+
+    def forward(self, student, batch, step, ema):
+        c = self.config
+        out = student(batch["student"], return_blocks=c.head == "ladder")
+        if c.head == "ladder":
+            inputs = {"cls": [b[:, 0] for b in out.blocks], "patch": [b[:, 1:] for b in out.blocks]}
+        else:
+            inputs = {"cls": out.cls, "patch": out.patch}
+        per_teacher = []
+        for name, heads in self.heads.items():
+            target = batch["targets"][name]
+            cls_loss = token_loss(heads["cls"](inputs["cls"]).float(), target.cls, c.cos_weight, c.smooth_l1_weight)
+            patch_loss = token_loss(heads["patch"](inputs["patch"]).float(), target.patch, c.cos_weight, c.smooth_l1_weight)
+            per_teacher.append((cls_loss + patch_loss) / 2)
+        losses = torch.stack(per_teacher)  # [n_teachers, B]
+        generator = torch.Generator().manual_seed(self.context.seed * 1_000_003 + step * 1009 + rank())
+        coefficients = teacher_coefficients(losses, c.drop_prob, generator)
+        metrics = {f"loss/{name}": losses[i].detach().mean() for i, name in enumerate(self.heads)}
+        metrics |= {f"kept/{name}": (coefficients[i] > 0).float().mean() for i, name in enumerate(self.heads)}
+        return {"loss": (coefficients * losses).sum(), **metrics}

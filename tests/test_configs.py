@@ -1,0 +1,18 @@
+from pathlib import Path
+
+import pytest
+
+from distillery.train.config import read_yaml, resolve
+from distillery.train.methods import MethodContext, TeacherInfo, create_method
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_method_config_resolves_and_builds_its_method(path):
+    config = resolve(read_yaml(path), {"data": "shards", "out": "run"}, str(path))
+    teachers = (TeacherInfo("a", 64, (4, 4)), TeacherInfo("b", 96, (2, 2)))
+    context = MethodContext(student_dim=32, student_grid=(4, 4), student_size=(32, 32), student_depth=2,
+                            teachers=teachers, num_classes=10, total_steps=10, steps_per_epoch=2, seed=0)
+    method = create_method(config.method, config.method_config, context)
+    assert method.name == config.method == path.name.split("_")[0]

@@ -1,0 +1,205 @@
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillery.cache.store import CacheError
+from distillery.errors import DistilleryError
+from distillery.models.teachers import Tokens
+from distillery.train.config import TrainConfig
+from distillery.train.distributed import DistInfo
+from distillery.train.loop import Trainer
+from distillery.train.methods import MethodContext, TeacherInfo, create_method
+from distillery.train.methods.tintem import combine_teachers, sne_kl
+from distillery.train.methods.unic import teacher_coefficients, token_loss
+from distillery.train.targets import resize_patch_grid
+from tests.conftest import TINY_DINO, TINY_STUDENT
+
+METHOD_SETTINGS = {"unic": {"mlp_hidden_dim": 64}, "sefa": {"head_hidden_dim": 64, "dino": TINY_DINO}, "tintem": {}}
+
+
+# ------------------------------------------------------------------ losses on fixed tensors
+
+def test_unic_token_loss_matches_a_hand_computation():
+    prediction = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]])  # [B=1, T=2, D=3]
+    target = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 3.0, 0.0]]])
+
+    def smooth_l1(a, b):
+        d = abs(a - b)
+        return 0.5 * d * d if d < 1 else d - 0.5
+
+    expected = []
+    for p, t in zip(prediction[0].tolist(), target[0].tolist()):
+        cos = sum(a * b for a, b in zip(p, t)) / (math.sqrt(sum(a * a for a in p)) * math.sqrt(sum(b * b for b in t)))
+        expected.append(0.5 * (1 - cos) + 0.5 * sum(smooth_l1(a, b) for a, b in zip(p, t)) / 3)
+    assert token_loss(prediction, target).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert token_loss(prediction[:, 0], target[:, 0]).item() == pytest.approx(expected[0], rel=1e-6)  # CLS: [B, D]
+
+
+def test_teacher_dropping_keeps_the_worst_teacher_and_normalises_globally():
+    losses = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.2, 0.8, 0.5, 0.1], [0.1, 0.3, 0.7, 0.3]])  # [3 teachers, 4 images]
+    worst = losses.argmax(0)
+    for seed in range(20):
+        coefficients = teacher_coefficients(losses, 0.5, torch.Generator().manual_seed(seed))
+        assert torch.all(coefficients[worst, torch.arange(4)] > 0)
+        assert coefficients.sum().item() == pytest.approx(1.0)
+        kept = coefficients > 0
+        assert torch.allclose(coefficients[kept], torch.full((int(kept.sum()),), 1 / kept.sum().item()))
+    only_worst = teacher_coefficients(losses, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(only_worst > 0, F.one_hot(worst, 3).T.bool())
+    everything = teacher_coefficients(losses, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(everything, torch.full_like(losses, 1 / 12))
+    losses.requires_grad_(True)
+    assert not teacher_coefficients(losses, 0.5, torch.Generator()).requires_grad
+
+
+def _context(teachers=(TeacherInfo("a", 12, (4, 4)), TeacherInfo("b", 20, (4, 4)))) -> MethodContext:
+    return MethodContext(student_dim=48, student_grid=(4, 4), student_size=(32, 32), student_depth=2, teachers=teachers,
+                         num_classes=None, total_steps=10, steps_per_epoch=5, seed=0)
+
+
+def _fixed_batch():
+    from distillery.models.students import create_student
+
+    torch.manual_seed(0)
+    student = create_student("vit_tiny_patch16_224", dynamic_img_size=True, **TINY_STUDENT)
+    batch = {"student": torch.randn(4, 3, 32, 32), "crops/global": torch.randn(4, 2, 3, 32, 32),
+             "crops/local": torch.randn(4, 2, 3, 16, 16),
+             "targets": {"a": Tokens(torch.randn(4, 12), torch.randn(4, 16, 12)),
+                         "b": Tokens(torch.randn(4, 20), torch.randn(4, 16, 20))}}
+    return student, batch
+
+
+@pytest.mark.parametrize("ssl_weight", [0.0, 1.0])
+def test_sefa_is_dino_at_lambda_1_and_pure_distillation_at_lambda_0(ssl_weight):
+    student, batch = _fixed_batch()
+    torch.manual_seed(1)
+    sefa = create_method("sefa", {"ssl_weight": ssl_weight, "head_hidden_dim": 32, "dino": TINY_DINO}, _context())
+    torch.manual_seed(1)
+    dino = create_method("dino", TINY_DINO, _context())  # built first in sefa too: the same DINO head weights
+    from distillery.train.ema import ModelEma
+
+    ema = ModelEma(torch.nn.ModuleDict({"backbone": student, "head": sefa.objective.head})).module
+    out = sefa(student, batch, 0, ema)
+    if ssl_weight == 1.0:
+        reference = dino(student, batch, 0, ema)["loss"]
+        assert out["loss"].item() == pytest.approx(reference.item(), rel=1e-6)
+    else:
+        assert out["loss"].item() == pytest.approx(out["distill"].item(), rel=1e-6)
+        assert out["loss"].item() == pytest.approx(sefa.distill_loss(student, batch)[0].item(), rel=1e-6)
+
+
+def test_sne_loss_vanishes_under_orthogonal_maps_only():
+    torch.manual_seed(0)
+    features = torch.randn(5, 17, 24)
+    orthogonal, _ = torch.linalg.qr(torch.randn(24, 24))
+    temperatures = tuple(0.01 * k for k in range(1, 11))
+    assert sne_kl(features, features @ orthogonal, temperatures).item() < 1e-5
+    assert sne_kl(features, 3.0 * features @ orthogonal, temperatures).item() < 1e-5  # scale-free: cosines
+    low_rank = torch.randn(24, 3) @ torch.randn(3, 24)
+    assert sne_kl(features, features @ low_rank, temperatures).item() > 1.0
+
+
+def test_tintem_gradients_flow_to_the_head_through_sne_and_to_the_student_through_cosine():
+    student, batch = _fixed_batch()
+    tintem = create_method("tintem", {"token_weight": 0.0, "features_weight": 0.0}, _context())
+    def no_gradient(parameters):
+        return all(p.grad is None or not p.grad.any() for p in parameters)
+
+    tintem(student, batch, 0, None)["loss"].backward()
+    assert tintem.head.linear.weight.grad.abs().sum() > 0
+    assert no_gradient(student.parameters())  # the SNE terms never reach the student
+
+    student, batch = _fixed_batch()
+    tintem = create_method("tintem", {"local_weight": 0.0, "global_weight": 0.0}, _context())
+    tintem(student, batch, 0, None)["loss"].backward()
+    assert no_gradient(tintem.head.parameters())  # the student's cosine terms see a detached head output
+    assert student.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_several_teachers_are_concatenated_at_unit_norm_per_token():
+    a, b = torch.randn(2, 5, 3) * 10, torch.randn(2, 5, 4) * 0.1
+    combined = combine_teachers([a, b])
+    assert combined.shape == (2, 5, 7)
+    assert torch.allclose(combined[..., :3].norm(dim=-1), torch.ones(2, 5))
+    assert torch.equal(combine_teachers([a]), a)
+
+
+def test_patch_grids_are_resized_bilinearly_to_the_students():
+    grid = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1)  # a 4x4 ramp, one channel
+    resized = resize_patch_grid(grid, (4, 4), (2, 2))
+    assert resized.shape == (1, 4, 1)
+    expected = F.interpolate(grid.reshape(1, 1, 4, 4), size=(2, 2), mode="bilinear", align_corners=False).flatten()
+    assert torch.allclose(resized.flatten(), expected)
+    assert resize_patch_grid(grid, (4, 4), (4, 4)) is grid
+
+
+# ------------------------------------------------------------------ training from a cache
+
+def _config(tiny_synth, out, method, **overrides) -> TrainConfig:
+    values = dict(method=method, data=str(tiny_synth / "train"), out=str(out), student_args=TINY_STUDENT, epochs=30,
+                  max_steps=40, batch_size=32, lr=3e-3, warmup_epochs=0, workers=0, log_every=1, seed=0,
+                  method_config=METHOD_SETTINGS[method])
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("method", ["unic", "sefa", "tintem"])
+def test_each_method_learns_from_the_cache(tiny_synth, tiny_cache, tmp_path, method):
+    Trainer(_config(tiny_synth, tmp_path / method, method, cache=str(tiny_cache)), DistInfo()).fit()
+    records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    first, last = (sum(r["loss"] for r in part) / 8 for part in (records[:8], records[-8:]))
+    assert last < 0.8 * first, (first, last)
+    if method == "unic":
+        assert {"kept/teacher_a", "kept/teacher_b"} <= set(records[0])
+        kept = [r["kept/teacher_a"] + r["kept/teacher_b"] for r in records]
+        assert all(1.0 <= k < 2.0 for k in kept)  # the worst teacher always kept, the other about half the time
+
+
+@pytest.mark.parametrize("method", ["unic", "sefa", "tintem"])
+def test_cached_and_online_teachers_give_the_same_first_step(tiny_synth, tiny_cache, teacher_specs, tmp_path, method):
+    cached = Trainer(_config(tiny_synth, tmp_path / "cached", method, cache=str(tiny_cache)), DistInfo())
+    online = Trainer(_config(tiny_synth, tmp_path / "online", method, teachers=list(teacher_specs), views=2,
+                             stats_from=str(tiny_cache)), DistInfo())
+    batches = [next(iter(t.loader)) for t in (cached, online)]
+    assert torch.equal(batches[0]["student"], batches[1]["student"])  # the same samples, views and pixels
+    losses = [t.train_step(b, 0)["loss"].item() for t, b in zip((cached, online), batches)]
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+
+
+def test_online_teachers_without_a_store_compute_statistics_first(tiny_synth, teacher_specs, tmp_path):
+    trainer = Trainer(_config(tiny_synth, tmp_path / "o", "unic", teachers=list(teacher_specs), views=2, stats_samples=24,
+                              max_steps=2), DistInfo())
+    stats = trainer.teachers.targets.stats["teacher_a"]
+    assert stats.cls_std.shape == (48,) and torch.all(stats.cls_std > 0)
+    assert trainer.fit()["steps"] == 2
+
+
+def test_a_cache_of_other_data_or_a_method_without_teachers_is_refused(synth_dir, tiny_synth, tiny_cache, tmp_path):
+    with pytest.raises(CacheError, match="built from other data"):
+        Trainer(_config(synth_dir, tmp_path / "x", "unic", cache=str(tiny_cache)), DistInfo())
+    with pytest.raises(DistilleryError, match="give --cache STORE or --teacher SPEC"):
+        Trainer(_config(tiny_synth, tmp_path / "y", "tintem"), DistInfo())
+    with pytest.raises(DistilleryError, match="trains without teachers"):
+        config = _config(tiny_synth, tmp_path / "z", "unic", cache=str(tiny_cache))
+        Trainer(dataclasses.replace(config, method="dino", method_config=TINY_DINO), DistInfo())
+
+
+def test_rows_whose_key_does_not_match_the_image_are_refused(tiny_synth, tiny_cache, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(tiny_cache, copy)
+    keys = zarr.open_group(str(copy), mode="r+")["keys"]
+    swapped = keys[0:32]
+    swapped[[3, 4]] = swapped[[4, 3]]
+    keys[0:32] = swapped
+    trainer = Trainer(_config(tiny_synth, tmp_path / "run", "unic", cache=str(copy), max_steps=4), DistInfo())
+    with pytest.raises(CacheError, match=r"row 3 holds key"):
+        trainer.fit()
