@@ -17,6 +17,7 @@ from distillery.cache.verify import verify_store
 from distillery.cache.writer import CacheConfig, cache_teachers, pool_patches, view_image
 from distillery.data.shards import ShardSet, ShardWriter, decode_image
 from distillery.data.views import ViewConfig, normalize, replay
+from distillery.errors import DistilleryError
 from distillery.models.teachers import create_teacher
 
 
@@ -190,3 +191,13 @@ def test_cache_cli_info_and_verify(cache_dir, synth_dir):
     assert wrong_data.returncode == 1 and "NO" in wrong_data.stdout
     missing = run("cache", "info", str(cache_dir.parent / "nothing.zarr"))
     assert missing.returncode == 2 and "not a distillery cache" in missing.stderr
+
+
+def test_a_teacher_can_run_at_another_input_size(teacher_specs):
+    teacher = create_teacher(teacher_specs[0] + "@48")
+    assert teacher.preprocessing.input_size == (48, 48) and teacher.grid == (12, 12)
+    assert teacher.name == "teacher_a@48"
+    assert teacher(torch.zeros(2, 3, 48, 48)).patch.shape == (2, 144, 48)
+    assert teacher.fingerprint() != create_teacher(teacher_specs[0]).fingerprint()
+    with pytest.raises(DistilleryError, match="must be an input size"):
+        create_teacher(teacher_specs[0] + "@big")

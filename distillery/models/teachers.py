@@ -156,7 +156,22 @@ def _grid(model: nn.Module, num_patches: int) -> tuple[int, int]:
     return side, side
 
 
+def split_size(spec: str) -> tuple[str, int | None]:
+    """`name@224` -> (`name`, 224): run a model at another input size than its pretrained_cfg's (timm resamples
+    the position embedding), e.g. DINOv2 ViT-S/14 at 224 px as TinTeM does instead of its default 518."""
+    base, at, size = spec.rpartition("@")
+    if not at:
+        return spec, None
+    if not size.isdigit() or int(size) < 16:
+        raise DistilleryError(f"{spec}: the part after '@' must be an input size in pixels, e.g. {base}@224")
+    return base, int(size)
+
+
 def create_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
     """The one door to a frozen feature model. Heads are dropped (`num_classes=0`)."""
-    return Teacher(spec, load_pretrained(spec, num_classes=0)).to(device)
+    base, size = split_size(spec)
+    model = load_pretrained(base, num_classes=0, **({"img_size": size} if size else {}))
+    if size:
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size)}
+    return Teacher(spec, model).to(device)
 
