@@ -1,8 +1,11 @@
 """Cache writer throughput on the embedded data: single decode vs a naive loop, storage per view, writes.
 
-    python benchmarks/cache_throughput.py --images 1000 --views 4 --workers 2
+    python benchmarks/cache_throughput.py --images 1000 --views 4 --workers 2                 # CPU, 32 px
+    python benchmarks/cache_throughput.py --size 224 --images 4000 --workers 14 --batch-size 64 \
+        --teachers vit_small_patch16_224:16,vit_base_patch16_224:16                        # GPU, 224 px
 
-Two random-weight teachers of different width and patch size (ViT-Ti/4 and ViT-S/8 at the synth size).
+Two random-weight teachers of different width and patch size (by default ViT-Ti/4 and ViT-S/8 at the synth
+size).
 The naive loop is what a cache without this design does: for every teacher and every view it walks the
 data again, decoding each image once per (teacher, view). Both use the same DataLoader workers, batch
 size and teachers; images/s counts images fully cached (all views, all teachers) per wall-clock second.
@@ -23,13 +26,12 @@ import numpy as np
 import torch
 import zarr
 
+from common import CPU_TEACHERS, random_teachers, synth_train
 from distillery.cache.store import CacheStore, encode
 from distillery.cache.verify import bytes_per_view
 from distillery.cache.writer import CacheConfig, cache_teachers
 from distillery.data.shards import ShardSet, decode_image
-from distillery.data.synth import SynthConfig, generate
 from distillery.data.views import ViewConfig, draw_view, normalize, replay
-from distillery.models.students import create_student, export_local_dir
 from distillery.models.teachers import create_teacher
 
 
@@ -87,17 +89,12 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--teachers", default=CPU_TEACHERS, help="Random-weight teachers as arch:patch, at --size.")
     parser.add_argument("--out", type=Path, default=None, help="Write the figures as JSON here too.")
     args = parser.parse_args()
-    torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="cache_bench_"))
-    generate(SynthConfig(train=args.images, val=0, ood_near=0, ood_far=0, landmarks=0, distractors=0,
-                         size=args.size, shard_size=250), work / "synth")
-    specs = []
-    for name, arch, patch in (("vit_ti_p4", "vit_tiny_patch16_224", 4), ("vit_s_p8", "vit_small_patch16_224", 8)):
-        export_local_dir(create_student(arch, img_size=args.size, patch_size=patch), work / name)
-        specs.append(f"local-dir:{work / name}")
-    data = str(work / "synth" / "train")
+    data = synth_train(work, args.images, args.size, args.workers)
+    specs = random_teachers(work, args.teachers, args.size)
     config = CacheConfig(tuple(specs), views=args.views, batch_size=args.batch_size, workers=args.workers)
     summary = cache_teachers(data, str(work / "f16.zarr"), config, show_progress=False)
     naive_rate = naive(data, specs, args.views, args.batch_size, args.workers)
@@ -109,7 +106,9 @@ def main() -> None:
         sizes[label] = bytes_per_view(CacheStore.open(str(out)))
     vit_s_224 = {"float16": 197 * 384 * 2, "int8": 197 * 384 + 197 * 2, "float16, patch-pool 2": (1 + 49) * 384 * 2}
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": f"{platform.machine()}, " + (torch.cuda.get_device_name() if torch.cuda.is_available()
+                                                 else f"CPU, {torch.get_num_threads()} torch threads"),
+        "torch": torch.__version__, "teachers": args.teachers,
         "images": args.images, "size": args.size, "views": args.views, "workers": args.workers,
         "single_decode_images_per_s": summary["images_per_second"],
         "naive_images_per_s": round(naive_rate, 1),

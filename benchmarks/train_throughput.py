@@ -1,6 +1,8 @@
 """Training images/s on the embedded data: student alone, distillation from the cache, online teachers.
 
-    python benchmarks/train_throughput.py --steps 40 --out /tmp/train_throughput.json
+    python benchmarks/train_throughput.py --steps 40 --out /tmp/train_throughput.json          # CPU, 32 px
+    python benchmarks/train_throughput.py --size 224 --teachers vit_small_patch16_224:16,vit_small_patch16_224:16 \
+        --distil-student vit_s16 --students vit_ti16,vit_s16 --batch-size 256 --workers 14  # GPU, ViT-S/16
 
 Student-alone is `supervised` (the floor a cache should approach: data + student, no teacher); `unic`
 and `tintem` train the same student from a cache of two teachers (ViT-Ti/4 and ViT-S/8 at the synth size),
@@ -21,29 +23,34 @@ from pathlib import Path
 import distillery  # noqa: F401
 import torch
 
+from common import CPU_TEACHERS, random_teachers, synth_train
 from distillery.cache.writer import CacheConfig, cache_teachers
-from distillery.data.synth import SynthConfig, generate
-from distillery.models.students import create_student, export_local_dir
 from distillery.train.config import TrainConfig
 from distillery.train.distributed import DistInfo
 from distillery.train.loop import Trainer
 
+# name: (timm architecture, overrides); the 32 px ones are the synth configs' students, the /16 ones the papers'.
 STUDENTS = {
-    "tiny": {"img_size": 32, "patch_size": 8, "depth": 6, "embed_dim": 96, "num_heads": 3},
-    "small": {"img_size": 32, "patch_size": 4, "depth": 12, "embed_dim": 384, "num_heads": 6},
+    "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 6, "embed_dim": 96, "num_heads": 3}),
+    "small": ("vit_small_patch16_224", {"img_size": 32, "patch_size": 4}),
+    "vit_ti16": ("vit_tiny_patch16_224", {}),
+    "vit_s16": ("vit_small_patch16_224", {}),
 }
 METHOD_SETTINGS = {
     "supervised": {},
     "dino": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128, "local_crops": 4},
     "unic": {"mlp_hidden_dim": 384},
+    "sefa": {"head_hidden_dim": 384, "dino": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128, "local_crops": 4}},
     "tintem": {},
 }
 
 
-def rate(work: Path, name: str, data: str, method: str, student: dict, steps: int, batch_size: int, workers: int,
+def rate(work: Path, name: str, data: str, method: str, student: str, steps: int, batch_size: int, workers: int,
          **extra) -> float:
     out = work / name
-    config = TrainConfig(method=method, data=data, out=str(out), student_args=student, epochs=100, max_steps=steps,
+    arch, student_args = STUDENTS[student]
+    config = TrainConfig(method=method, data=data, out=str(out), student=arch, student_args=student_args, epochs=100,
+                         max_steps=steps,
                          batch_size=batch_size, warmup_epochs=0, workers=workers, log_every=10,
                          method_config=METHOD_SETTINGS[method], **extra)
     Trainer(config, DistInfo()).fit()
@@ -58,33 +65,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size", type=int, default=32, help="Image side of the synth data.")
+    parser.add_argument("--teachers", default=CPU_TEACHERS,
+                        help="Random-weight teachers as arch:patch, at --size.")
+    parser.add_argument("--distil-student", default="tiny", choices=sorted(STUDENTS),
+                        help="Student of the cached/online/alone comparison.")
+    parser.add_argument("--students", default="tiny,small", help="Students whose supervised and dino rates are measured.")
+    parser.add_argument("--methods", default="unic,tintem", help="Distillation methods compared cached vs online.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="train_bench_"))
-    generate(SynthConfig(train=args.images, val=0, ood_near=0, ood_far=0, landmarks=0, distractors=0, shard_size=250),
-             work / "synth")
-    data = str(work / "synth" / "train")
-    torch.manual_seed(0)
-    specs = []
-    for name, arch, patch in (("vit_ti_p4", "vit_tiny_patch16_224", 4), ("vit_s_p8", "vit_small_patch16_224", 8)):
-        export_local_dir(create_student(arch, img_size=32, patch_size=patch), work / name)
-        specs.append(f"local-dir:{work / name}")
+    data = synth_train(work, args.images, args.size, args.workers)
+    specs = random_teachers(work, args.teachers, args.size)
     store = str(work / "cache.zarr")
-    cache_teachers(data, store, CacheConfig(tuple(specs), views=4, workers=args.workers), show_progress=False)
+    cache_teachers(data, store, CacheConfig(tuple(specs), views=4, workers=args.workers,
+                                            batch_size=max(32, args.batch_size // 4)), show_progress=False)
     common = dict(steps=args.steps, batch_size=args.batch_size, workers=args.workers)
-    tiny = STUDENTS["tiny"]
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "images": args.images,
-              "batch_size": args.batch_size, "workers": args.workers, "steps": args.steps,
-              "student_alone": rate(work, "alone", data, "supervised", tiny, **common)}
-    for method in ("unic", "tintem"):
-        result[f"{method}_cached"] = rate(work, f"{method}_cached", data, method, tiny, cache=store, **common)
-        result[f"{method}_online"] = rate(work, f"{method}_online", data, method, tiny, teachers=specs, stats_from=store,
-                                          **common)
+    student = args.distil_student
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
+    result = {"machine": f"{platform.machine()}, {device}", "torch": torch.__version__, "images": args.images,
+              "size": args.size, "teachers": args.teachers, "distil_student": student, "batch_size": args.batch_size,
+              "workers": args.workers, "steps": args.steps,
+              "student_alone": rate(work, "alone", data, "supervised", student, **common)}
+    for method in args.methods.split(","):
+        result[f"{method}_cached"] = rate(work, f"{method}_cached", data, method, student, cache=store, **common)
+        result[f"{method}_online"] = rate(work, f"{method}_online", data, method, student, teachers=specs,
+                                          stats_from=store, **common)
         result[f"{method}_cached_vs_alone"] = round(result[f"{method}_cached"] / result["student_alone"], 3)
         result[f"{method}_cached_vs_online"] = round(result[f"{method}_cached"] / result[f"{method}_online"], 2)
-    for size, student in STUDENTS.items():
+    for name in args.students.split(","):
         for method in ("supervised", "dino"):
-            result[f"{method}_{size}"] = rate(work, f"{method}_{size}", data, method, student, **common)
+            result[f"{method}_{name}"] = rate(work, f"{method}_{name}", data, method, name, **common)
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
