@@ -203,3 +203,15 @@ def test_rows_whose_key_does_not_match_the_image_are_refused(tiny_synth, tiny_ca
     trainer = Trainer(_config(tiny_synth, tmp_path / "run", "unic", cache=str(copy), max_steps=4), DistInfo())
     with pytest.raises(CacheError, match=r"row 3 holds key"):
         trainer.fit()
+
+
+def test_a_subset_of_the_cached_teachers_can_be_chosen(tiny_synth, tiny_cache, tmp_path):
+    trainer = Trainer(_config(tiny_synth, tmp_path / "one", "tintem", cache=str(tiny_cache), cache_teachers=["teacher_b"],
+                              max_steps=2), DistInfo())
+    assert [info.name for info in trainer.teachers.infos] == ["teacher_b"]
+    batch = next(iter(trainer.loader))
+    assert set(trainer.teachers.targets(batch)) == {"teacher_b"}
+    assert trainer.fit()["steps"] == 2
+    with pytest.raises(CacheError, match="has no teacher teacher_c; it holds teacher_a, teacher_b"):
+        Trainer(_config(tiny_synth, tmp_path / "bad", "tintem", cache=str(tiny_cache), cache_teachers=["teacher_c"]),
+                DistInfo())

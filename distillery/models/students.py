@@ -81,6 +81,12 @@ def create_student(arch: str, **overrides: Any) -> Student:
     return Student(arch, overrides)
 
 
+def initial_student(arch: str, model_args: dict[str, Any], seed: int) -> Student:
+    """The student a run with this seed starts from (seeds the global RNG, as the trainer's init relies on)."""
+    torch.manual_seed(seed)
+    return Student(arch, {"dynamic_img_size": True, **model_args})
+
+
 def export_local_dir(student: Student, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                      tag: str = "distillery") -> Path:
     """Write the backbone as a timm `local-dir` model with timm's `save_for_hf` (config.json + model.safetensors).

@@ -44,6 +44,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     cache: str | None = None  # teacher targets from this store...
+    cache_teachers: list[str] = field(default_factory=list)  # ...only these of its teachers (default: all)
     teachers: list[str] = field(default_factory=list)  # ...or these teachers run online
     stats_from: str | None = None  # online mode: standardisation statistics from this store
     stats_samples: int = 512  # online mode without stats_from: images in the statistics pre-pass
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ConfigError(f"lr_scaling must be 'linear' or 'none', got {self.lr_scaling!r}")
         if self.cache and self.teachers:
             raise ConfigError("give either --cache or --teacher, not both")
+        if self.cache_teachers and not self.cache:
+            raise ConfigError("--cache-teacher picks teachers of a store: give --cache too")
 
     @property
     def peak_lr(self) -> float:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillery.models.students import Student, export_local_dir
+from distillery.models.students import Student, export_local_dir, initial_student
 from distillery.train import checkpoint as ckpt
+from distillery.train.config import ConfigError, read_yaml
 
 BACKBONE_PREFIX = "student.model."
 EMA_BACKBONE_PREFIX = "module.backbone.model."
@@ -28,3 +29,14 @@ def export_run(run_dir: str | Path, out: str | Path, ema: bool = False, checkpoi
     except RuntimeError as error:
         raise ckpt.CheckpointError(f"{path}: backbone weights do not fit {student.arch} ({str(error).splitlines()[0]})") from error
     return export_local_dir(student, out, tag=f"distillery-{'ema' if ema else 'student'}-step{state['step']}")
+
+
+def export_initial(config_file: str | Path, out: str | Path, seed: int | None = None) -> Path:
+    """Export the student a train config starts from, untrained: the random-init baseline of an evaluation.
+    With the config's seed it is bit for bit the starting point of a run of that config."""
+    values = read_yaml(config_file)
+    if not values.get("student"):
+        raise ConfigError(f"{config_file}: no student given")
+    seed = values.get("seed", 0) if seed is None else seed
+    student = initial_student(values["student"], values.get("student_args") or {}, seed)
+    return export_local_dir(student, out, tag=f"distillery-init-seed{seed}")

@@ -25,7 +25,7 @@ from distillery.console import console, progress_bar
 from distillery.data.shards import ShardSet
 from distillery.data.views import ViewConfig
 from distillery.errors import DistilleryError
-from distillery.models.students import Student
+from distillery.models.students import Student, initial_student
 from distillery.models.teachers import create_teacher
 from distillery.train import checkpoint as ckpt
 from distillery.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, load_saved, read_yaml, resolve, save
@@ -83,9 +83,10 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
                              "finish it by re-running cache-teachers")
         if store.cls_only:
             raise CacheError(f"{config.cache} holds CLS tokens only; {config.method} needs patch tokens too")
-        names = [t.name for t in store.teachers]
-        grids = [t.stored_grid for t in store.teachers]
-        infos = tuple(TeacherInfo(t.name, t.dim, t.stored_grid) for t in store.teachers)
+        chosen = _chosen_teachers(store, config.cache_teachers, config.cache)
+        names = [t.name for t in chosen]
+        grids = [t.stored_grid for t in chosen]
+        infos = tuple(TeacherInfo(t.name, t.dim, t.stored_grid) for t in chosen)
         views = TeacherViews(store.num_views, store.identity["views"]["seed"],
                              ViewConfig.from_dict(store.identity["views"]["config"]), cache_url=config.cache,
                              teacher_names=tuple(names))
@@ -110,6 +111,17 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
             stats = online_stats(teachers, shard_set, config.stats_samples, view_config, config.view_seed, device)
     infos = tuple(TeacherInfo(t.name, t.embed_dim, t.grid) for t in teachers)
     return Teachers(infos, views, TargetSource(names, [t.grid for t in teachers], student_grid, stats, device, teachers=teachers))
+
+
+def _chosen_teachers(store: CacheStore, wanted: list[str], url: str) -> list:
+    """The store's teachers, or the named subset in the order given (TinTeM from one teacher of a shared cache)."""
+    if not wanted:
+        return list(store.teachers)
+    by_name = {t.name: t for t in store.teachers}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise CacheError(f"{url} has no teacher {', '.join(missing)}; it holds {', '.join(by_name)}")
+    return [by_name[name] for name in wanted]
 
 
 def prepare_batch(batch: dict[str, Any], device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
@@ -140,8 +152,7 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.end_step = self.total_steps if config.max_steps is None else min(config.max_steps, self.total_steps)
 
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
-        self.student = Student(config.student, {"dynamic_img_size": True, **config.student_args})
+        self.student = initial_student(config.student, config.student_args, config.seed)  # the same on every rank
         with torch.random.fork_rng(devices=[]):  # building teacher models must not move the seeded init of the heads
             self.teachers = _setup_teachers(config, method_cls, shard_set, self.student.grid, device)
         context = MethodContext(

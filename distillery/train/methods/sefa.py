@@ -69,9 +69,10 @@ class Sefa(Method):
         super().__init__(config, context)
         self.objective = DinoObjective(method_settings(DinoConfig, config.dino, "sefa.dino"), context)
         parts = ("cls",) if config.cls_only else ("cls", "patch")
-        self.heads = nn.ModuleDict({
-            t.name: nn.ModuleDict({p: DistillHead(context.student_dim, config.head_hidden_dim, t.dim) for p in parts})
-            for t in context.teachers})
+        # In teacher order, not keyed by name: timm names hold dots, which module names cannot.
+        self.heads = nn.ModuleList(
+            nn.ModuleDict({p: DistillHead(context.student_dim, config.head_hidden_dim, t.dim) for p in parts})
+            for t in context.teachers)
 
     def sample_spec(self) -> SampleSpec:
         return SampleSpec(teacher_view=True, crops=self.objective.crop_specs())
@@ -80,7 +81,8 @@ class Sefa(Method):
         out = student(batch["student"])
         tokens = {"cls": out.cls, "patch": out.patch}
         total, metrics = 0.0, {}
-        for name, heads in self.heads.items():
+        for teacher, heads in zip(self.context.teachers, self.heads):
+            name = teacher.name
             target = batch["targets"][name]
             per_part = [token_loss(head(tokens[part]).float(), getattr(target, part), self.config.alpha, 1 - self.config.alpha)
                         for part, head in heads.items()]

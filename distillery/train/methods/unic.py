@@ -101,8 +101,8 @@ class Unic(Method):
                 return LadderHead(d, depth, config.ladder_hidden_dim, config.ladder_last_hidden_dim, out_dim)
             return MLPHead(d, config.mlp_hidden_dim, out_dim)
 
-        self.heads = nn.ModuleDict({t.name: nn.ModuleDict({"cls": head(t.dim), "patch": head(t.dim)})
-                                    for t in context.teachers})
+        # In teacher order, not keyed by name: timm names hold dots, which module names cannot.
+        self.heads = nn.ModuleList(nn.ModuleDict({"cls": head(t.dim), "patch": head(t.dim)}) for t in context.teachers)
 
     def sample_spec(self) -> SampleSpec:
         return SampleSpec(teacher_view=True)
@@ -115,7 +115,8 @@ class Unic(Method):
         else:
             inputs = {"cls": out.cls, "patch": out.patch}
         per_teacher = []
-        for name, heads in self.heads.items():
+        names = [t.name for t in self.context.teachers]
+        for name, heads in zip(names, self.heads):
             target = batch["targets"][name]
             cls_loss = token_loss(heads["cls"](inputs["cls"]).float(), target.cls, c.cos_weight, c.smooth_l1_weight)
             patch_loss = token_loss(heads["patch"](inputs["patch"]).float(), target.patch, c.cos_weight, c.smooth_l1_weight)
@@ -123,6 +124,6 @@ class Unic(Method):
         losses = torch.stack(per_teacher)  # [n_teachers, B]
         generator = torch.Generator().manual_seed(self.context.seed * 1_000_003 + step * 1009 + rank())
         coefficients = teacher_coefficients(losses, c.drop_prob, generator)
-        metrics = {f"loss/{name}": losses[i].detach().mean() for i, name in enumerate(self.heads)}
-        metrics |= {f"kept/{name}": (coefficients[i] > 0).float().mean() for i, name in enumerate(self.heads)}
+        metrics = {f"loss/{name}": losses[i].detach().mean() for i, name in enumerate(names)}
+        metrics |= {f"kept/{name}": (coefficients[i] > 0).float().mean() for i, name in enumerate(names)}
         return {"loss": (coefficients * losses).sum(), **metrics}
