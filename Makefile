@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test clean-venv
+.PHONY: setup test demo clean-venv
 
 setup: $(STAMP)
 
@@ -18,5 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/pytest
 
+# The whole pipeline on the embedded data (configs/demo.yaml): data, two teachers, cache, four students,
+# evaluation, results/demo/report.md. A second run reuses every finished step.
+demo: $(STAMP)
+	$(BIN)/distillery demo
+
 clean-venv:
 	rm -rf $(VENV)
+
+# The papers' experiments on real data (make all, make all DRY_RUN=1); after STAMP, which they depend on.
+include make/experiments.mk

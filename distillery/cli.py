@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import distillery  # noqa: F401  (registers torchvision op schemas before anything imports timm)
 import typer
 
-from distillery.console import console, print_mapping, print_table, progress_bar
+from distillery.console import console, print_mapping, print_table, progress_bar, stdout
 from distillery.errors import DistilleryError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -178,6 +178,7 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (0: in the training process).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a checkpoint every N steps (and always at the end).")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Teacher-feature store from cache-teachers (unic, sefa, tintem).")] = None,
+    cache_teacher: Annotated[Optional[list[str]], typer.Option(help="Train from only this teacher of the --cache store (repeat; default: all).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option(help="Run this teacher online instead of reading a cache (repeat).")] = None,
     stats_from: Annotated[Optional[str], typer.Option(help="Online teachers: standardisation statistics from this store.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
@@ -188,7 +189,7 @@ def train(
 
     values = {"method": method, "data": data, "out": out, "student": student, "epochs": epochs, "max_steps": max_steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "workers": workers, "checkpoint_every": checkpoint_every,
-              "cache": cache, "teachers": teacher or None, "stats_from": stats_from}
+              "cache": cache, "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from}
     summary = run(values, config, resume=resume, device=device)
     print_mapping(f"run {summary['run']}", summary)
 
@@ -205,6 +206,306 @@ def export(
 
     path = export_run(run, out, ema=ema, checkpoint=checkpoint)
     console.print(f"exported {run} to local-dir:{path}")
+
+
+@app.command("export-init")
+def export_init(
+    config: Annotated[Path, typer.Argument(help="A train config: its student, student_args and seed.")],
+    out: Annotated[Path, typer.Option(help="Directory for config.json + model.safetensors.")],
+    seed: Annotated[Optional[int], typer.Option(help="Initialisation seed (default: the config's).")] = None,
+) -> None:
+    """Write a config's student untrained, as a local-dir model: the random-init baseline for `distillery eval`."""
+    from distillery.train.export import export_initial
+
+    path = export_initial(config, out, seed)
+    console.print(f"exported the initial {config} student to local-dir:{path}")
+
+
+# ---------------------------------------------------------------------------------------------------- experiment
+
+experiment_app = typer.Typer(help="Paper experiments on real data (configs/experiments): plan, run a step, report.",
+                             no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+ExperimentData = Annotated[Optional[Path], typer.Option(help="Shard root with train/, val/, ood/..., retrieval/ (make's DATA=).")]
+ExperimentWeights = Annotated[Optional[Path], typer.Option(
+    help="Pretrained weights: an HF_HOME (with hub/), or a directory of local-dir teachers named like the teachers (WEIGHTS=).")]
+ExperimentGpus = Annotated[int, typer.Option(help="GPUs for the cache and train steps (torchrun when more than 1).")]
+ExperimentOut = Annotated[Optional[Path], typer.Option(help="This experiment's directory (default: RESULTS/NAME).")]
+ExperimentResults = Annotated[Optional[Path], typer.Option(
+    help="Where experiments write by default, one directory each (default: results).")]
+ExperimentCacheDir = Annotated[Optional[Path], typer.Option(
+    help="Where caches go; experiments with the same teachers and cache settings share one (default: RESULTS/caches).")]
+ExperimentThroughput = Annotated[Optional[Path], typer.Option(
+    help="Measured GPU images/s for the GPU-hours (default: benchmarks/gpu_throughput.json).")]
+
+
+def _experiment_inputs(strict: bool, **options):
+    """PlanInputs from the options given; an option left out keeps PlanInputs' default."""
+    from distillery.experiments import PlanInputs
+
+    return PlanInputs(strict=strict, **{k: v for k, v in options.items() if v is not None})
+
+
+def _exit_on_problems(problems: list[str]) -> None:
+    for problem in problems:
+        console.print(f"[red]error:[/] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(2)
+
+
+@experiment_app.command("plan")
+def experiment_plan(
+    name: Annotated[str, typer.Argument(help="An experiment of configs/experiments (file name without .yaml), or all.")],
+    data: ExperimentData = None,
+    weights: ExperimentWeights = None,
+    gpus: ExperimentGpus = 1,
+    out: ExperimentOut = None,
+    results: ExperimentResults = None,
+    cache_dir: ExperimentCacheDir = None,
+    throughput: ExperimentThroughput = None,
+) -> None:
+    """Check every config, teacher and path; print each step's commands, the cache size, the GPU-hours and the
+    paper numbers. Runs nothing; exit status 2 with one line per problem (missing DATA or weights are notes)."""
+    from distillery.experiments import experiment_names, format_plans, plan_experiments
+
+    if name == "all" and out is not None:
+        raise DistilleryError("--out names one experiment's directory; for all of them give --results")
+    inputs = _experiment_inputs(False, data=data, weights=weights, gpus=gpus, out=out, results=results, cache_dir=cache_dir,
+                                throughput=throughput)
+    plans, problems = plan_experiments(experiment_names() if name == "all" else [name], inputs)
+    typer.echo(format_plans(plans))
+    _exit_on_problems(problems)
+
+
+@experiment_app.command("run")
+def experiment_run(
+    name: Annotated[str, typer.Argument(help="An experiment of configs/experiments.")],
+    step: Annotated[Optional[list[str]], typer.Option(help="cache, train, export, eval or report (repeat; default: all in order).")] = None,
+    data: ExperimentData = None,
+    weights: ExperimentWeights = None,
+    gpus: ExperimentGpus = 1,
+    out: ExperimentOut = None,
+    results: ExperimentResults = None,
+    cache_dir: ExperimentCacheDir = None,
+) -> None:
+    """Run steps of an experiment (make/experiments.mk calls this once per step); each step resumes its work."""
+    from distillery.experiments import STEPS, plan_experiments, run_step
+
+    inputs = _experiment_inputs(True, data=data, weights=weights, gpus=gpus, out=out, results=results, cache_dir=cache_dir)
+    plans, problems = plan_experiments([name], inputs)
+    _exit_on_problems(problems)
+    for one in step or STEPS:
+        run_step(plans[0], one)
+
+
+@experiment_app.command("report")
+def experiment_report(
+    name: Annotated[str, typer.Argument(help="An experiment of configs/experiments.")],
+    results: Annotated[Path, typer.Option(help="The experiment's directory (holding eval/<model>/<task>.json).")],
+) -> None:
+    """Paper vs reproduced: write RESULTS/report.md and report.json from the evaluation JSON files."""
+    from distillery.experiments import load_experiment, write_report
+
+    markdown, _ = write_report(load_experiment(name), results)
+    typer.echo(markdown.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+@app.command("demo")
+def demo(
+    config: Annotated[Path, typer.Option(help="What the demo trains and evaluates.")] = Path("configs/demo.yaml"),
+    work: Annotated[Optional[Path], typer.Option(help="Data, runs, models, cache and evaluation (default: the config's).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Directory of report.md and its figures (default: the config's).")] = None,
+) -> None:
+    """The whole pipeline on the embedded data, ending in a report; a re-run reuses every finished step."""
+    from rich.markdown import Markdown
+
+    from distillery.demo import DemoConfig, run_demo
+
+    path = run_demo(DemoConfig.load(config, work, report))
+    stdout.print(Markdown(path.read_text().split("\n## Figures")[0]))
+    console.print(f"report: {path}")
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+
+eval_app = typer.Typer(help="Score frozen features: kNN, linear probe, retrieval, OOD, CKA, or a suite of them.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+EvalModelSpec = Annotated[str, typer.Option("--model", help="Model spec: timm name.tag, hf-hub:org/repo, local-dir:PATH (an exported student), or SPEC@SIZE.")]
+EvalOut = Annotated[Optional[Path], typer.Option(help="Result JSON (default: results/<model>/<task>.json).")]
+EvalFeaturesDir = Annotated[Optional[Path], typer.Option(help="Feature cache, reused while model, data and settings match (default: results/<model>/features).")]
+EvalBatchSize = Annotated[int, typer.Option(help="Images per forward.")]
+EvalWorkers = Annotated[int, typer.Option(help="Image decoding processes (0: in this process).")]
+EvalDevice = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
+
+
+def _given(**options):
+    """The options given on the command line; one left out keeps the settings' default."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if v is not None and v != []}
+
+
+def _named(values: Optional[list[str]], option: str) -> dict[str, str]:
+    """Repeated NAME=VALUE options as a mapping."""
+    named = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not (sep and name and rest):
+            raise DistilleryError(f"{option} {value!r}: expected NAME=VALUE")
+        named[name] = rest
+    return named
+
+
+def _eval_task(task: str, spec: str, data, settings, out, features_dir, batch_size, workers, device) -> None:
+    from distillery.evaluate.features import Extraction
+    from distillery.evaluate.results import show_result
+    from distillery.evaluate.suite import run_task
+
+    result, path = run_task(task, spec, data, settings, Extraction(batch_size, workers, features_dir), device, out)
+    show_result(result, path)
+
+
+@eval_app.command("knn")
+def eval_knn(
+    model: EvalModelSpec,
+    train: Annotated[Path, typer.Option(help="Labelled train images: shard directory or ImageFolder tree.")],
+    val: Annotated[Path, typer.Option(help="Labelled images to classify (same classes as --train).")],
+    k: Annotated[Optional[list[int]], typer.Option("--k", help="Neighbours (repeat; default 10, 20, 100, 200).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Vote weight exp(sim / T) (default 0.07).")] = None,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """Weighted kNN on L2-normalised CLS features (DINO's protocol): top-1 and top-5 for each k."""
+    from distillery.evaluate.tasks import EvalData, KnnSettings
+
+    _eval_task("knn", model, EvalData(train=train, val=val), KnnSettings(**_given(ks=k, temperature=temperature)),
+               out, features_dir, batch_size, workers, device)
+
+
+@eval_app.command("linear")
+def eval_linear(
+    model: EvalModelSpec,
+    train: Annotated[Path, typer.Option(help="Labelled train images: the probe trains on them, its LR is chosen on a held-out part.")],
+    val: Annotated[Path, typer.Option(help="Labelled images the probe is scored on.")],
+    grid: Annotated[Optional[str], typer.Option(help="LR grid: dinov2 (13 values x batch/256) or sefa (45 log-spaced in [1e-4, 10]).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Probe epochs (default 100).")] = None,
+    probe_batch_size: Annotated[Optional[int], typer.Option(help="Probe batch size (default 256).")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Fraction of train the LR is chosen on (default 0.1, stratified).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the heads and the batch order.")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="cls, patch_mean or last_blocks (DINO's concatenated CLS of the last blocks).")] = None,
+    last_blocks: Annotated[Optional[int], typer.Option(help="Blocks for --pooling last_blocks (default 4).")] = None,
+    extra: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: another labelled set to score (repeat).")] = None,
+    extra_classes: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE.json: the classes an extra set holds (names or indices); other logits are ignored.")] = None,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """Linear probe with an LR sweep; the LR is chosen on held-out train, then the probe is retrained on all of train."""
+    from distillery.evaluate.tasks import EvalData, LinearSettings
+
+    data = EvalData(train=train, val=val, extra={k: Path(v) for k, v in _named(extra, "--extra").items()},
+                    extra_classes={k: Path(v) for k, v in _named(extra_classes, "--extra-classes").items()})
+    settings = LinearSettings(**_given(grid=grid, epochs=epochs, batch_size=probe_batch_size, holdout=holdout, seed=seed,
+                                       pooling=pooling, last_blocks=last_blocks))
+    _eval_task("linear", model, data, settings, out, features_dir, batch_size, workers, device)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    model: EvalModelSpec,
+    dataset: Annotated[str, typer.Option(help="roxford5k, rparis6k (or roxford, rparis), or synth.")],
+    data_root: Annotated[Path, typer.Option(help="Directory with gnd_<dataset>.pkl and jpg/ (or <dataset>/ holding them).")],
+    crop_queries: Annotated[Optional[bool], typer.Option("--crop-queries/--no-crop-queries", help="Crop queries to their bbx (the protocol's rule; default on).")] = None,
+    multiscale: Annotated[Optional[bool], typer.Option("--multiscale/--single-scale", help="Average descriptors at scales 1, 1/sqrt(2), 1/2.")] = None,
+    max_side: Annotated[Optional[int], typer.Option(help="Longer image side in pixels (default: the model's input size).")] = None,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """Revisited Oxford/Paris retrieval: Medium and Hard mAP and mP@1,5,10."""
+    from distillery.evaluate.tasks import EvalData, RetrievalData, RetrievalSettings
+
+    settings = RetrievalSettings(**_given(crop_queries=crop_queries, multiscale=multiscale, max_side=max_side))
+    _eval_task("retrieval", model, EvalData(retrieval=RetrievalData(dataset, data_root)), settings, out, features_dir,
+               batch_size, workers, device)
+
+
+@eval_app.command("ood")
+def eval_ood(
+    model: EvalModelSpec,
+    id_train: Annotated[Path, typer.Option(help="In-distribution train images: the KNN bank.")],
+    id_test: Annotated[Path, typer.Option(help="In-distribution test images.")],
+    ood: Annotated[list[str], typer.Option(help="NAME=DIR: an OOD set (repeat).")],
+    group: Annotated[Optional[list[str]], typer.Option(help="GROUP=NAME,NAME: average these sets' metrics (repeat, e.g. near=a,b).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="The k-th neighbour's distance is the score (default 10).")] = None,
+    train_fraction: Annotated[Optional[float], typer.Option(help="Random fraction of ID train searched (default 1.0).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of that fraction.")] = None,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """KNN OOD detection: per OOD set and group, AUROC, AUPR-In/Out and FPR@95 under both conventions."""
+    from distillery.evaluate.tasks import EvalData, OodSettings
+
+    groups = {name: sets.split(",") for name, sets in _named(group, "--group").items()}
+    data = EvalData(train=id_train, val=id_test, ood={k: Path(v) for k, v in _named(ood, "--ood").items()}, ood_groups=groups)
+    settings = OodSettings(**_given(k=k, train_fraction=train_fraction, seed=seed))
+    _eval_task("ood", model, data, settings, out, features_dir, batch_size, workers, device)
+
+
+def _cka(task: str, specs, features, data, settings, out, features_dir, batch_size, workers, device):
+    from distillery.evaluate.features import Extraction
+    from distillery.evaluate.suite import run_cka
+
+    result, path, heatmap = run_cka(specs or [], features or [], data, settings,
+                                    Extraction(batch_size, workers, features_dir), device, out, task)
+    console.print(f"heatmap: {heatmap}")
+    return result, path
+
+
+@eval_app.command("cka")
+def eval_cka(
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Model spec (repeat).")] = None,
+    features: Annotated[Optional[list[str]], typer.Option(help="[NAME=]FILE.npz written by an earlier eval (repeat).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The images --model specs are compared on.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Result JSON; the heatmap PNG goes beside it (default: results/cka.json).")] = None,
+    features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128, workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """Linear and debiased CKA between models (raw CLS on the same images), with a heatmap."""
+    from distillery.evaluate.results import show_result
+    from distillery.evaluate.tasks import CkaSettings
+
+    show_result(*_cka("cka", model, features, data, CkaSettings(), out, features_dir, batch_size, workers, device))
+
+
+@eval_app.command("suite")
+def eval_suite(config: Annotated[Path, typer.Argument(help="Suite YAML: models, data, tasks, settings, out (see configs/eval_synth.yaml).")]) -> None:
+    """Several tasks for several models; writes OUT/<model>/<task>.json and the comparison OUT/summary.md + .json."""
+    from distillery.evaluate.suite import run_suite
+
+    run_suite(config)
+
+
+teachers_app = typer.Typer(help="Choose teachers before distilling.", no_args_is_help=True)
+app.add_typer(teachers_app, name="teachers")
+
+
+@teachers_app.command("rank")
+def teachers_rank(
+    teacher: Annotated[list[str], typer.Option(help="Teacher spec (repeat; at least two).")],
+    data: Annotated[Path, typer.Option(help="The images the teachers are compared on.")],
+    target: Annotated[Optional[float], typer.Option(help="The CKA to aim for (default 0.5, the SeFA paper's finding).")] = None,
+    tolerance: Annotated[Optional[float], typer.Option(help="Pairs within this of the target are flagged (default 0.1).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Result JSON; the heatmap PNG goes beside it (default: results/teachers-rank.json).")] = None,
+    features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128, workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """Teacher pairs by their CKA, closest to the target first (SeFA: pairs near 0.5 distil best)."""
+    from distillery.evaluate.results import show_result
+    from distillery.evaluate.tasks import CkaSettings, pairs_table
+
+    settings = CkaSettings(**_given(target=target, tolerance=tolerance))
+    result, path = _cka("teachers-rank", teacher, None, data, settings, out, features_dir, batch_size, workers, device)
+    show_result(pairs_table(result), path)
 
 
 def main() -> None:

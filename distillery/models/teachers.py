@@ -167,10 +167,11 @@ def split_size(spec: str) -> tuple[str, int | None]:
     return base, int(size)
 
 
-def create_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
-    """The one door to a frozen feature model. Heads are dropped (`num_classes=0`)."""
+def create_teacher(spec: str, device: str | torch.device = "cpu", **model_kwargs) -> Teacher:
+    """The one door to a frozen feature model. Heads are dropped (`num_classes=0`); `model_kwargs` go to
+    `timm.create_model` (e.g. `dynamic_img_size=True` for retrieval images of any shape)."""
     base, size = split_size(spec)
-    model = load_pretrained(base, num_classes=0, **({"img_size": size} if size else {}))
+    model = load_pretrained(base, num_classes=0, **({"img_size": size} if size else {}), **model_kwargs)
     if size:
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size)}
     return Teacher(spec, model).to(device)

@@ -1,0 +1,209 @@
+"""The results report: one comparison table in the layout of the SeFA paper's Table 2, plus figures.
+
+Rows: baselines (e.g. an untrained model), every teacher, "best teacher" (per column, the best of the
+teachers), every student. Every number is
+read from the evaluation suite's JSON files (OUT/<model>/<task>.json, OUT/cka.json); a missing file or key
+stops the report with the path that is missing, so a table cell is never left blank or typed in.
+Figures: training-loss curves per run, a bar chart of the table, the CKA heatmap of all models, and the
+first three principal components of the patch tokens of a few validation images per model as RGB (the
+TinTeM paper's Fig. 2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from distillery.errors import DistilleryError
+from distillery.evaluate.results import MetricPath, read_metric, read_result, write_text
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    where: MetricPath
+    higher_is_better: bool = True
+
+
+# The one place that says which numbers the demo's table shows and where each lives in the result files.
+COLUMNS = (
+    Column("kNN top-1 (k=20)", MetricPath("knn", ("k=20", "top1"))),
+    Column("linear top-1", MetricPath("linear", ("val", "top1"))),
+    Column("retrieval Medium mAP", MetricPath("retrieval", ("medium", "map"))),
+    Column("retrieval Hard mAP", MetricPath("retrieval", ("hard", "map"))),
+    Column("OOD near AUROC", MetricPath("ood", ("groups", "near", "auroc"))),
+    Column("OOD far AUROC", MetricPath("ood", ("groups", "far", "auroc"))),
+    Column("OOD near FPR@95", MetricPath("ood", ("groups", "near", "fpr95_id_tpr")), higher_is_better=False),
+    Column("OOD far FPR@95", MetricPath("ood", ("groups", "far", "fpr95_id_tpr")), higher_is_better=False),
+)
+
+
+def comparison_rows(eval_dir: Path, teachers: list[str], students: list[str], baselines: tuple[str, ...] = (),
+                    columns: tuple[Column, ...] = COLUMNS) -> list[dict[str, Any]]:
+    """Rows of the table as percentages: baselines, teachers, the best teacher per column, students."""
+    values = {m: [100 * read_metric(eval_dir, m, c.where) for c in columns] for m in (*baselines, *teachers, *students)}
+    best = [(max if c.higher_is_better else min)(values[t][i] for t in teachers) for i, c in enumerate(columns)]
+    rows = [{"model": b, "role": "baseline", "values": values[b]} for b in baselines]
+    rows += [{"model": t, "role": "teacher", "values": values[t]} for t in teachers]
+    rows.append({"model": "best teacher", "role": "best teacher", "values": best})
+    rows += [{"model": s, "role": "student", "values": values[s]} for s in students]
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: tuple[Column, ...] = COLUMNS) -> str:
+    header = "| model | " + " | ".join(c.title + (" ↓" if not c.higher_is_better else "") for c in columns) + " |"
+    lines = [header, "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        name = f"**{row['model']}**" if row["role"] == "best teacher" else row["model"]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row["values"]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(suite_config: str | Path, teachers: list[str], students: list[str], runs: dict[str, Path],
+                 out: str | Path, pca_data: str | None = None, pca_images: int = 4, baselines: tuple[str, ...] = ()) -> Path:
+    """Write OUT/report.md, OUT/report.json and the PNG figures; returns the report's path."""
+    suite = yaml.safe_load(Path(suite_config).read_text())
+    eval_dir = Path(suite["out"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(eval_dir, teachers, students, tuple(baselines))
+    cka_path = eval_dir / "cka.json"
+    cka = read_result(cka_path).get("metrics") or {}
+    if not {"names", "linear", "debiased"} <= set(cka):
+        raise DistilleryError(f"{cka_path}: no metrics/names, linear and debiased; rerun the suite's cka task")
+    names, matrix = cka["names"], np.asarray(cka["linear"], dtype=np.float64)
+    debiased = np.asarray(cka["debiased"], dtype=np.float64)
+    missing = [m for m in (*baselines, *teachers, *students) if m not in names]
+    if missing:
+        raise DistilleryError(f"{cka_path}: holds no CKA for {', '.join(missing)}; rerun the suite's cka task")
+    if len(teachers) < 2:
+        raise DistilleryError("the report compares teachers by CKA: give at least two teachers")
+    pairs = [(a, b, matrix[names.index(a), names.index(b)], debiased[names.index(a), names.index(b)])
+             for i, a in enumerate(teachers) for b in teachers[i + 1:]]
+
+    figures = {"training losses": plot_losses(runs, out / "losses.png"),
+               "metrics": plot_metrics(rows, out / "metrics.png"),
+               "CKA between models": _cka_figure(names, matrix, out / "cka.png")}
+    if pca_data:
+        figures["patch features, first 3 principal components as RGB"] = plot_patch_pca(
+            {m: suite["models"][m] for m in (*baselines, *teachers, *students)}, pca_data, pca_images, out / "patch_pca.png")
+
+    lines = ["# distillery demo report", "",
+             f"Evaluation: `{suite_config}` (results in `{eval_dir}`). Percentages; ↓ lower is better. "
+             "kNN: weighted vote exp(sim/0.07); linear: LR chosen on held-out train; retrieval: revisited "
+             "Medium/Hard mAP on the synth landmarks; OOD: −distance to the k-th ID-train neighbour, "
+             "FPR@95 at 95% of ID kept.", "",
+             markdown_table(rows), "", "## Teachers' CKA (on the validation set)", "",
+             "| teacher pair | linear CKA | debiased CKA |", "|---|---:|---:|"]
+    lines += [f"| {a} – {b} | {c:.3f} | {d:.3f} |" for a, b, c, d in pairs]
+    lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures.items()]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines) + "\n")
+    write_text(out / "report.json", json.dumps({
+        "columns": [c.title for c in COLUMNS], "rows": rows,
+        "teacher_cka": [{"pair": [a, b], "linear": c, "debiased": d} for a, b, c, d in pairs],
+        "figures": {t: p.name for t, p in figures.items()}}, indent=1))
+    return report
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(runs: dict[str, Path], path: Path) -> Path:
+    """One panel per run: its total loss against the step, from metrics.jsonl."""
+    plt = _pyplot()
+    columns = min(3, len(runs))
+    rows = -(-len(runs) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for ax, (name, run) in zip(axes.flat, runs.items()):
+        log = run / "metrics.jsonl"
+        if not log.exists():
+            raise DistilleryError(f"{log}: training log missing")
+        records = [json.loads(line) for line in log.read_text().splitlines() if line]
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(rows)
+    positions = np.arange(len(COLUMNS))
+    for i, row in enumerate(rows):
+        ax.bar(positions + i * width, row["values"], width, label=row["model"])
+    ax.set_xticks(positions + 0.4 - width / 2, [c.title for c in COLUMNS], rotation=20, ha="right")
+    ax.set_ylabel("%")
+    ax.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _cka_figure(names: list[str], matrix: np.ndarray, path: Path) -> Path:
+    from distillery.evaluate.cka import plot_cka_heatmap
+
+    plot_cka_heatmap(names, matrix, path, title="Linear CKA of CLS features (val)")
+    return path
+
+
+def plot_patch_pca(models: dict[str, str], data: str, count: int, path: Path) -> Path:
+    """Rows: the images, then each model's patch tokens projected on their first 3 principal components (RGB)."""
+    import torch
+
+    from distillery.data.shards import ShardSet, decode_image
+    from distillery.data.views import eval_view, normalize, replay
+    from distillery.evaluate.features import load_model
+
+    shard_set = ShardSet.open(data)
+    images = [decode_image(r.image_bytes, r.key) for _, r in zip(range(count), shard_set.records(0))]
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(models) + 1, count, figsize=(1.6 * count, 1.6 * (len(models) + 1)), squeeze=False)
+    for ax, image in zip(axes[0], images):
+        ax.imshow(image)
+    axes[0][0].set_ylabel("image", fontsize=8)
+    for row, (name, spec) in enumerate(models.items(), start=1):
+        model = load_model(spec, device="cpu")
+        p = model.preprocessing
+        pixels = torch.stack([replay(im, eval_view(im.height, im.width, p.crop_pct), p.input_size) for im in images])
+        with torch.inference_mode():
+            patch = model(normalize(pixels, p.mean, p.std)).patch.numpy()  # [count, T, D]
+        rgb = _pca_rgb(patch.reshape(-1, patch.shape[-1])).reshape(count, *model.grid, 3)
+        for ax, tile in zip(axes[row], rgb):
+            ax.imshow(tile, interpolation="nearest")
+        axes[row][0].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """The first three principal components of the tokens, each min-max scaled to [0, 1]."""
+    from sklearn.decomposition import PCA
+
+    components = PCA(n_components=3, random_state=0).fit_transform(tokens.astype(np.float64))
+    low, high = components.min(0), components.max(0)
+    return (components - low) / np.maximum(high - low, 1e-12)

@@ -1,0 +1,127 @@
+"""Result files: one JSON per task and model, with everything needed to tell where a number came from.
+
+A result holds the metrics (fractions, as the metric functions return them), the protocol settings, each
+model's spec and fingerprint (weights hash + preprocessing), each data set's fingerprint, and the distillery
+version. Files are written under a temporary name and renamed, so a result file is always complete.
+Tables show percentages with two decimals, as the papers print them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+import distillery
+from distillery.console import print_table
+from distillery.errors import DistilleryError
+
+RESULTS_DIR = Path("results")
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    models: dict[str, dict[str, Any]]  # name -> {"spec", "fingerprint"}
+    data: dict[str, Any]  # role (train, val, near, ...) -> fingerprint
+    settings: dict[str, Any]
+    metrics: dict[str, Any]
+    columns: tuple[str, ...]  # the rich table printed for it (not saved)
+    rows: list[tuple[Any, ...]]
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable({"task": self.task, "models": self.models, "data": self.data, "settings": self.settings,
+                         "metrics": self.metrics, "distillery_version": distillery.__version__,
+                         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def title(self) -> str:
+        return f"{self.task}: {', '.join(self.models)}"
+
+
+def default_path(model_name: str, task: str, root: Path = RESULTS_DIR) -> Path:
+    return Path(root) / model_name / f"{task}.json"
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays become numbers and lists, paths and tuples too; NaN becomes null."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, values: Any) -> Path:
+    return write_text(path, json.dumps(jsonable(values), indent=1) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write atomically: a temporary file in the same directory, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
+
+
+def save_result(result: TaskResult, path: str | os.PathLike) -> Path:
+    return write_json(path, result.to_json())
+
+
+def show_result(result: TaskResult, path: Path | None = None) -> None:
+    print_table(result.title() + (f" -> {path}" if path else ""), result.columns, result.rows)
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{100 * value:.2f}"
+
+
+class MetricPath(NamedTuple):
+    """Where a number lives: the file OUT/<model>/<task>.json, and the keys under its "metrics"."""
+
+    task: str
+    keys: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"metrics/{'/'.join(self.keys)}"
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file's contents; a missing or broken file is an error naming it (reports never leave a blank)."""
+    if not path.exists():
+        raise DistilleryError(f"{path}: result file missing; run the evaluation that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DistilleryError(f"{path}: not valid JSON ({error})") from error
+
+
+def read_metric(eval_dir: Path, model: str, where: MetricPath) -> float:
+    """The fraction at `where` in EVAL_DIR/<model>/<task>.json; anything but a finite number is an error."""
+    path = Path(eval_dir) / model / f"{where.task}.json"
+    value: Any = read_result(path).get("metrics")
+    for depth, key in enumerate(where.keys):
+        if not isinstance(value, dict) or key not in value:
+            found = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+            raise DistilleryError(f"{path}: no metrics/{'/'.join(where.keys[:depth + 1])} (found: {found})")
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DistilleryError(f"{path}: {where.describe()} is {value!r}, not a number")
+    return float(value)

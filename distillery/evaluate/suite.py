@@ -1,0 +1,269 @@
+"""`distillery eval` runners: one task for one model (each `eval <task>` command), CKA across models, and the
+suite: several tasks for several models from one YAML file, ending in one comparison table.
+
+Suite config (paths relative to the working directory; `configs/eval_synth.yaml` is an example):
+
+    models: {dino: "local-dir:students/dino", random: "local-dir:students/random"}   # name: spec
+    data:
+      train: synth/train
+      val: synth/val
+      ood: {near: synth/ood/near, far: synth/ood/far}   # group: directory, or group: [directories]
+      retrieval: {dataset: synth, root: synth/retrieval}
+    tasks: [knn, linear, retrieval, ood, cka]
+    settings: {knn: {ks: [10, 20, 100, 200]}, linear: {grid: dinov2}, ood: {k: 10}, retrieval: {crop_queries: true}}
+    out: results/eval_synth
+
+It writes OUT/<model>/<task>.json, OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
+columns: kNN top-1 at k=20, linear top-1, retrieval Medium/Hard mAP, OOD AUROC and FPR@95 per group).
+Features are cached under OUT/<model>/features, so a re-run reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillery.console import console, print_table
+from distillery.errors import DistilleryError
+from distillery.evaluate.cka import plot_cka_heatmap
+from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
+from distillery.evaluate.results import RESULTS_DIR, TaskResult, default_path, percent, save_result, write_json, write_text
+from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
+                                       cka_features, cka_task, settings_from_dict)
+from distillery.models.teachers import teacher_name
+from distillery.train.config import read_yaml
+
+
+def features_dir(root: Path, model_name: str) -> Path:
+    return Path(root) / model_name / "features"
+
+
+def _cached_under(extraction: Extraction, root: Path, model_name: str) -> Extraction:
+    """`extraction` as given when it names a cache directory, else caching under ROOT/<model>/features."""
+    if extraction.cache_dir is not None:
+        return extraction
+    return dataclasses.replace(extraction, cache_dir=features_dir(root, model_name))
+
+
+def run_task(task: str, spec: str, data: EvalData, settings: Any, extraction: Extraction, device: str | None = None,
+             out: Path | None = None, results_root: Path = RESULTS_DIR) -> tuple[TaskResult, Path]:
+    """One task for one model; the result goes to `out` (default results/<model name>/<task>.json) and the
+    features are cached under `extraction.cache_dir` (default results/<model name>/features)."""
+    name = teacher_name(spec)
+    data.require(task)
+    model = EvalModel.load(name, spec, device or default_device(), any_size=task == "retrieval")
+    result = SINGLE_MODEL_TASKS[task](model, data, settings, _cached_under(extraction, results_root, name))
+    return result, save_result(result, out or default_path(name, task, results_root))
+
+
+def run_cka(specs: list[str], feature_files: list[str], data: Path | None, settings: CkaSettings, extraction: Extraction,
+            device: str | None = None, out: Path | None = None, task: str = "cka",
+            results_root: Path = RESULTS_DIR) -> tuple[TaskResult, Path, Path]:
+    """CKA between models run on `data` and/or features files written by an earlier extraction
+    (`NAME=PATH` names a file's model; else its spec's name). Writes the JSON and a heatmap PNG beside it."""
+    features: dict[str, Features] = {}
+    models: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, spec: str, values: Features) -> None:
+        if name in features:
+            raise DistilleryError(f"two feature sets are named {name!r}; name them apart with NAME=PATH")
+        features[name], models[name] = values, {"spec": spec, "fingerprint": values.fingerprint["model"]}
+
+    if specs and data is None:
+        raise DistilleryError(f"eval {task}: give --data, the images the models are compared on")
+    for spec in specs:
+        name = teacher_name(spec)
+        model = EvalModel.load(name, spec, device or default_device())
+        add(name, spec, cka_features(model, data, _cached_under(extraction, results_root, name)))
+    for entry in feature_files:
+        name, _, path = entry.rpartition("=")
+        spec, values = read_features_file(path)
+        add(name or teacher_name(spec), spec, values)
+    result = cka_task(features, models, settings)
+    path = save_result(result, out or Path(results_root) / f"{task}.json")
+    heatmap = plot_cka_heatmap(result.metrics["names"], result.metrics["linear"], path.with_suffix(".png"),
+                               title=f"Linear CKA on {source_name(Path(data)) if data else 'stored features'}")
+    return result, path, heatmap
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+
+TOP_KEYS = ("models", "data", "tasks", "settings", "out", "batch_size", "workers", "device")
+DATA_KEYS = ("train", "val", "ood", "retrieval", "extra", "extra_classes", "cka")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    models: dict[str, str]
+    data: EvalData
+    tasks: tuple[str, ...]
+    settings: dict[str, Any] = field(default_factory=dict)  # task -> its settings object
+    out: Path = RESULTS_DIR / "suite"
+    batch_size: int = 128
+    workers: int = 2
+    device: str | None = None
+
+
+def _mapping(value: Any, where: str, source: Path) -> dict:
+    if not isinstance(value, dict):
+        raise DistilleryError(f"{source}: {where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(values: dict, known: tuple[str, ...], where: str, source: Path) -> None:
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise DistilleryError(f"{source}: unknown key {where}{unknown[0]}; known: {', '.join(known)}")
+
+
+def _suite_data(values: dict, source: Path) -> EvalData:
+    _check_keys(values, DATA_KEYS, "data.", source)
+    ood, groups = {}, {}
+    for group, dirs in _mapping(values.get("ood", {}), "data.ood", source).items():
+        paths = [Path(d) for d in (dirs if isinstance(dirs, list) else [dirs])]
+        names = [str(group)] if len(paths) == 1 else [source_name(p) for p in paths]
+        ood.update(zip(names, paths))
+        groups[str(group)] = names
+    retrieval = None
+    if "retrieval" in values:
+        entry = _mapping(values["retrieval"], "data.retrieval", source)
+        _check_keys(entry, ("dataset", "root"), "data.retrieval.", source)
+        if set(entry) != {"dataset", "root"}:
+            raise DistilleryError(f"{source}: data.retrieval needs both dataset and root")
+        retrieval = RetrievalData(str(entry["dataset"]), Path(entry["root"]))
+    path = lambda key: Path(values[key]) if values.get(key) else None  # noqa: E731
+    paths = lambda key: {str(k): Path(v) for k, v in _mapping(values.get(key, {}), f"data.{key}", source).items()}  # noqa: E731
+    return EvalData(train=path("train"), val=path("val"), ood=ood, ood_groups=groups, retrieval=retrieval,
+                    extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"))
+
+
+def read_suite_config(path: str | Path) -> SuiteConfig:
+    """Parse and check a suite config; an unknown key anywhere is a one-line error naming the file and key."""
+    path = Path(path)
+    values = read_yaml(path)
+    _check_keys(values, TOP_KEYS, "", path)
+    models = {str(k): str(v) for k, v in _mapping(values.get("models"), "models", path).items()}
+    if not models:
+        raise DistilleryError(f"{path}: models is empty; give name: spec entries")
+    tasks = values.get("tasks") or list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise DistilleryError(f"{path}: unknown task {unknown[0]!r} in tasks; known: {', '.join(TASKS)}")
+    if "cka" in tasks and len(models) < 2:
+        raise DistilleryError(f"{path}: the cka task compares models; list at least two under models")
+    settings_values = _mapping(values.get("settings") or {}, "settings", path)
+    _check_keys(settings_values, tuple(SETTINGS), "settings.", path)
+    settings = {task: settings_from_dict(task, _mapping(settings_values.get(task) or {}, f"settings.{task}", path), str(path))
+                for task in SETTINGS}
+    return SuiteConfig(models, _suite_data(_mapping(values.get("data"), "data", path), path), tuple(tasks), settings,
+                       Path(values.get("out") or SuiteConfig.out), int(values.get("batch_size", SuiteConfig.batch_size)),
+                       int(values.get("workers", SuiteConfig.workers)), values.get("device"))
+
+
+@dataclass
+class SuiteSummary:
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    markdown: Path
+    json: Path
+
+
+def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> SuiteSummary:
+    """Every task for every model, one model loaded at a time; then CKA across models and the summary.
+    `config` is a SuiteConfig or the path of a suite YAML file."""
+    if not isinstance(config, SuiteConfig):
+        config = read_suite_config(config)
+    for task in config.tasks:
+        config.data.require(task)
+    device = config.device or default_device()
+    results: dict[str, dict[str, TaskResult]] = {}
+    cka_inputs: dict[str, Features] = {}
+    models: dict[str, dict[str, Any]] = {}
+    for name, spec in config.models.items():
+        console.print(f"[bold]{name}[/] ({spec})")
+        model = EvalModel.load(name, spec, device, any_size="retrieval" in config.tasks)
+        extraction = Extraction(config.batch_size, config.workers, features_dir(config.out, name), show_progress)
+        results[name] = {}
+        for task in config.tasks:
+            if task == "cka":
+                cka_inputs[name] = cka_features(model, config.data.cka or config.data.val, extraction)
+                models.update(model.describe())
+                continue
+            result = SINGLE_MODEL_TASKS[task](model, config.data, config.settings[task], extraction)
+            save_result(result, config.out / name / f"{task}.json")
+            results[name][task] = result
+    cka_result = None
+    if cka_inputs:
+        cka_result = cka_task(cka_inputs, models, config.settings["cka"])
+        save_result(cka_result, config.out / "cka.json")
+        plot_cka_heatmap(cka_result.metrics["names"], cka_result.metrics["linear"], config.out / "cka.png",
+                         title=f"Linear CKA on {source_name(config.data.cka or config.data.val)}")
+    columns, rows = summary_table(results, config)
+    markdown = write_text(config.out / "summary.md", summary_markdown(columns, rows, config, cka_result))
+    summary = write_json(config.out / "summary.json", {
+        "columns": columns, "rows": rows, "models": config.models, "tasks": list(config.tasks),
+        "settings": {task: dataclasses.asdict(s) for task, s in config.settings.items()},
+        "results": {name: {task: r.to_json() for task, r in by_task.items()} for name, by_task in results.items()},
+        "cka": cka_result.to_json() if cka_result else None})
+    print_table(f"eval suite -> {markdown}", columns, rows)
+    return SuiteSummary(columns, rows, markdown, summary)
+
+
+def _summary_cells(task: str, result: TaskResult, config: SuiteConfig) -> list[tuple[str, str]]:
+    """(column, cell) pairs a task adds to its model's summary row."""
+    metrics = result.metrics
+    if task == "knn":
+        k = 20 if "k=20" in metrics else config.settings["knn"].ks[0]
+        return [(f"kNN top-1 (k={k})", percent(metrics[f"k={k}"]["top1"]))]
+    if task == "linear":
+        return [("linear top-1", percent(metrics["val"]["top1"]))]
+    if task == "retrieval":
+        return [("retrieval M mAP", percent(metrics["medium"]["map"])), ("retrieval H mAP", percent(metrics["hard"]["map"]))]
+    cells = []
+    for group, values in (metrics["groups"] or metrics["sets"]).items():
+        cells += [(f"OOD {group} AUROC", percent(values["auroc"])), (f"OOD {group} FPR@95", percent(values["fpr95_id_tpr"]))]
+    return cells
+
+
+def summary_table(results: dict[str, dict[str, TaskResult]], config: SuiteConfig) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    cells = {name: dict(cell for task, result in by_task.items() for cell in _summary_cells(task, result, config))
+             for name, by_task in results.items()}
+    columns = list(dict.fromkeys(column for row in cells.values() for column in row))
+    return ("model", *columns), [(name, *(row.get(column, "-") for column in columns)) for name, row in cells.items()]
+
+
+def summary_markdown(columns: tuple[str, ...], rows: list[tuple[str, ...]], config: SuiteConfig,
+                     cka_result: TaskResult | None) -> str:
+    lines = [f"# Evaluation: {', '.join(config.models)}", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = ["All numbers are percentages."]
+    if "knn" in config.tasks:
+        s = config.settings["knn"]
+        notes.append(f"kNN: L2-normalised CLS, weighted vote exp(sim/{s.temperature:g}), k in {list(s.ks)}.")
+    if "linear" in config.tasks:
+        s = config.settings["linear"]
+        notes.append(f"Linear: {s.grid} LR grid, {s.epochs} epochs, {s.pooling} features; LR chosen on a held-out "
+                     f"{s.holdout:.0%} of train, probe retrained on all of train, top-1 on val.")
+    if "retrieval" in config.tasks:
+        s = config.settings["retrieval"]
+        notes.append(f"Retrieval ({config.data.retrieval.dataset}): revisitop Medium/Hard mAP; queries "
+                     f"{'cropped to bbx' if s.crop_queries else 'not cropped'}; "
+                     f"{'multi-scale' if s.multiscale else 'single scale'}.")
+    if "ood" in config.tasks:
+        s = config.settings["ood"]
+        notes.append(f"OOD: KNN score, k={s.k}, {s.train_fraction:.0%} of ID train; FPR@95 = share of OOD accepted "
+                     "at 95% ID TPR (fpr95_id_tpr; the OpenOOD convention is in the JSON).")
+    lines += ["", *(f"- {note}" for note in notes)]
+    if cka_result is not None:
+        names = cka_result.metrics["names"]
+        lines += ["", "## Linear CKA (debiased in brackets)", "", "| | " + " | ".join(names) + " |",
+                  "|" + "---|" * (len(names) + 1)]
+        for i, name in enumerate(names):
+            lines.append(f"| {name} | " + " | ".join(f"{cka_result.metrics['linear'][i][j]:.3f} "
+                                                     f"({cka_result.metrics['debiased'][i][j]:.3f})"
+                                                     for j in range(len(names))) + " |")
+        lines += ["", "![CKA](cka.png)"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,322 @@
+"""The evaluation protocols as tasks: a loaded model, the data and the task's settings in, a TaskResult out.
+
+Every task reads its features through `features.extract_features`, so tasks that share a data set share its
+cached features (kNN, the linear probe and OOD all read train/val CLS from the same files). The metrics
+are those of `knn`, `linear`, `retrieval`, `ood` and `cka`; this module only wires data to them and says,
+in the result, which protocol settings produced each number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distillery.errors import DistilleryError
+from distillery.evaluate import cka, ood, retrieval
+from distillery.evaluate.features import (MULTI_SCALES, Extraction, Features, FileSource, ImageFile, ImageSource,
+                                          KeepAspect, Pooling, extract_features, load_model, open_images, patch_size)
+from distillery.evaluate.knn import DEFAULT_KS, TEMPERATURE, knn_accuracy
+from distillery.evaluate.linear import LabelledSet, LinearConfig, linear_probe
+from distillery.evaluate.results import TaskResult, percent
+from distillery.models.teachers import Teacher
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class RetrievalData:
+    dataset: str  # roxford5k, rparis6k, synth (or roxford, rparis)
+    root: Path  # the directory holding gnd_<dataset>.pkl and jpg/
+
+
+@dataclass(frozen=True)
+class EvalData:
+    train: Path | None = None  # labelled; also the ID-train set of OOD
+    val: Path | None = None  # labelled; also the ID-test set of OOD
+    ood: dict[str, Path] = field(default_factory=dict)  # OOD set name -> directory
+    ood_groups: dict[str, list[str]] = field(default_factory=dict)  # group (near, far) -> OOD set names
+    retrieval: RetrievalData | None = None
+    extra: dict[str, Path] = field(default_factory=dict)  # more labelled sets the linear probe is scored on
+    extra_classes: dict[str, Path] = field(default_factory=dict)  # extra set name -> JSON list of its classes
+    cka: Path | None = None  # the images CKA compares models on (default: val)
+
+    def require(self, task: str) -> None:
+        """Fail before any model runs when `task` lacks data."""
+        missing = [name for name in REQUIRED_DATA[task] if not getattr(self, name)]
+        if task == "cka" and not (self.cka or self.val):
+            missing = ["cka or val"]
+        if missing:
+            raise DistilleryError(f"eval {task}: no {', '.join(missing)} data given")
+
+
+REQUIRED_DATA = {"knn": ("train", "val"), "linear": ("train", "val"), "retrieval": ("retrieval",),
+                 "ood": ("train", "val", "ood"), "cka": ()}
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = TEMPERATURE
+
+
+@dataclass(frozen=True)
+class LinearSettings(LinearConfig):
+    pooling: str = "cls"  # cls, patch_mean or last_blocks (DINO's linear input: last 4 CLS for ViT-S)
+    last_blocks: int = 4
+
+    def features_pooling(self) -> Pooling:
+        return Pooling(self.pooling, self.last_blocks)
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    crop_queries: bool = True  # the revisitop protocol crops queries to bbx; DINO's script does not
+    multiscale: bool = False
+    max_side: int | None = None  # longer image side; None: the model's input size
+
+
+@dataclass(frozen=True)
+class OodSettings:
+    k: int = 10  # Sun et al. 2022: k = 10 with 1% of ImageNet train, 1000 with all of it, 50 on CIFAR
+    train_fraction: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CkaSettings:
+    target: float = cka.SEFA_TARGET  # SeFA: teacher pairs near CKA 0.5 distil best
+    tolerance: float = 0.1
+
+
+SETTINGS = {"knn": KnnSettings, "linear": LinearSettings, "retrieval": RetrievalSettings, "ood": OodSettings,
+            "cka": CkaSettings}
+
+
+def settings_from_dict(task: str, values: dict[str, Any], source: str) -> Any:
+    """A task's settings from a config mapping, naming the first unknown key."""
+    kind = SETTINGS[task]
+    known = [f.name for f in dataclasses.fields(kind)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DistilleryError(f"{source}: unknown key settings.{task}.{unknown[0]}; known: {', '.join(known)}")
+    try:
+        return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except TypeError as error:
+        raise DistilleryError(f"{source}: settings.{task}: {error}") from error
+
+
+@dataclass
+class EvalModel:
+    name: str
+    spec: str
+    teacher: Teacher
+    device: str
+
+    @classmethod
+    def load(cls, name: str, spec: str, device: str, any_size: bool = False) -> EvalModel:
+        return cls(name, spec, load_model(spec, device, any_size), device)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return {self.name: {"spec": self.spec, "fingerprint": self.teacher.fingerprint()}}
+
+
+# ---------------------------------------------------------------------------------------------- labelled data
+
+def labelled_features(model: EvalModel, path: Path, extraction: Extraction, pooling: Pooling = Pooling(),
+                      normalized: bool = True) -> tuple[ImageSource, Features]:
+    source = open_images(path)
+    features = extract_features(model.teacher, source, extraction, pooling=pooling, normalized=normalized)
+    if features.labels is None:
+        raise DistilleryError(f"{path}: these images have no labels (no .cls in the shards, or not class directories)")
+    return source, features
+
+
+def train_label_space(train_path: Path, train_source: ImageSource, train: Features, path: Path,
+                      source: ImageSource, features: Features) -> np.ndarray:
+    """`features`' labels as indices of the train classes: as they are when both sets list the same classes
+    (or either lists none), else mapped by class name (a set of some of the train classes)."""
+    train_classes, classes = train_source.classes, source.classes
+    num_classes = len(train_classes) if train_classes else int(train.labels.max()) + 1
+    labels = features.labels
+    if train_classes and classes and tuple(classes) != tuple(train_classes):
+        missing = [name for name in classes if name not in train_classes]
+        if missing:
+            raise DistilleryError(f"{path}: class {missing[0]!r} is not one of the {len(train_classes)} classes of "
+                                  f"{train_path}; convert it with --classes {train_path}/classes.json")
+        labels = np.array([train_classes.index(name) for name in classes], np.int64)[labels]
+    if labels.max() >= num_classes:
+        raise DistilleryError(f"{path}: label {int(labels.max())} is outside the {num_classes} classes of {train_path}")
+    return labels
+
+
+def class_mask(path: Path, train_classes: tuple[str, ...] | None, num_classes: int) -> np.ndarray:
+    """A JSON list of class names or indices (the classes a set contains) as a bool mask over the train classes."""
+    try:
+        listed = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DistilleryError(f"{path}: not a readable JSON list of classes ({error})") from error
+    if not isinstance(listed, list) or not listed:
+        raise DistilleryError(f"{path}: expected a non-empty JSON list of class names or indices")
+    mask = np.zeros(num_classes, bool)
+    for entry in listed:
+        if isinstance(entry, str):
+            if not train_classes or entry not in train_classes:
+                raise DistilleryError(f"{path}: {entry!r} is not a class of the train set")
+            mask[train_classes.index(entry)] = True
+        elif isinstance(entry, int) and 0 <= entry < num_classes:
+            mask[entry] = True
+        else:
+            raise DistilleryError(f"{path}: {entry!r} is neither a train class name nor an index below {num_classes}")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+def knn_task(model: EvalModel, data: EvalData, settings: KnnSettings, extraction: Extraction) -> TaskResult:
+    """Weighted kNN (DINO): L2-normalised CLS, votes exp(sim / T), top-1/top-5 per k."""
+    data.require("knn")
+    train_source, train = labelled_features(model, data.train, extraction)
+    val_source, val = labelled_features(model, data.val, extraction)
+    val_labels = train_label_space(data.train, train_source, train, data.val, val_source, val)
+    num_classes = len(train_source.classes) if train_source.classes else int(max(train.labels.max(), val_labels.max())) + 1
+    metrics = knn_accuracy(train.features, train.labels, val.features, val_labels, settings.ks, settings.temperature,
+                           num_classes)
+    rows = [(k.removeprefix("k="), percent(v["top1"]), percent(v["top5"])) for k, v in metrics.items()]
+    return TaskResult("knn", model.describe(), {"train": train.fingerprint["data"], "val": val.fingerprint["data"]},
+                      {**dataclasses.asdict(settings), "features": "L2-normalised CLS after the final norm"},
+                      metrics, ("k", "top-1 %", "top-5 %"), rows)
+
+
+def linear_task(model: EvalModel, data: EvalData, settings: LinearSettings, extraction: Extraction) -> TaskResult:
+    """Linear probe with an LR sweep, the LR chosen on held-out train; scored on val and the extra sets."""
+    data.require("linear")
+    unknown = sorted(set(data.extra_classes) - set(data.extra))
+    if unknown:
+        raise DistilleryError(f"eval linear: class list given for {unknown[0]!r}, which is not an extra set")
+    pooling = settings.features_pooling()
+    # raw features, as DINO's and DINOv2's probes take them: the LR grids are tuned for that scale
+    train_source, train = labelled_features(model, data.train, extraction, pooling, normalized=False)
+    num_classes = len(train_source.classes) if train_source.classes else int(train.labels.max()) + 1
+    sets, fingerprints = {}, {"train": train.fingerprint["data"]}
+    for name, path in {"val": data.val, **data.extra}.items():
+        source, features = labelled_features(model, path, extraction, pooling, normalized=False)
+        labels = train_label_space(data.train, train_source, train, path, source, features)
+        mask = class_mask(data.extra_classes[name], train_source.classes, num_classes) if name in data.extra_classes else None
+        sets[name], fingerprints[name] = LabelledSet(features.features, labels, mask), features.fingerprint["data"]
+    val = sets.pop("val")
+    metrics = linear_probe(LabelledSet(train.features, train.labels), val, num_classes, settings, sets, model.device)
+    rows = [("val", percent(metrics["val"]["top1"]), percent(metrics["val"]["top5"]), "")]
+    rows += [(name, percent(m["top1"]), percent(m["top5"]), f"{int(sets[name].class_mask.sum())} classes"
+              if sets[name].class_mask is not None else "") for name, m in metrics["extra"].items()]
+    rows.append((f"held-out {settings.holdout:.0%} of train", percent(metrics["holdout_top1_at_chosen_lr"]), "",
+                 f"chosen LR {metrics['chosen_lr']:.3g} (best of {len(metrics['sweep'])})"))
+    selection = (f"LR with the best top-1 on a stratified {settings.holdout:.0%} of train (seed {settings.seed}); "
+                 "the probe is then retrained on all of train at that LR")
+    return TaskResult("linear", model.describe(), fingerprints,
+                      {**dataclasses.asdict(settings), "selection": selection, "features": pooling.describe()},
+                      metrics, ("set", "top-1 %", "top-5 %", ""), rows)
+
+
+def retrieval_task(model: EvalModel, data: EvalData, settings: RetrievalSettings, extraction: Extraction) -> TaskResult:
+    """Revisited Oxford/Paris protocol: Medium and Hard mAP and mP@1,5,10 from cosine ranking of CLS descriptors."""
+    data.require("retrieval")
+    gnd = retrieval.load_ground_truth(data.retrieval.root, data.retrieval.dataset)
+    teacher = model.teacher
+    if getattr(teacher.model, "dynamic_img_size", True) is False:
+        raise ValueError(f"{model.spec}: retrieval needs the model loaded with any_size=True (timm dynamic_img_size)")
+    max_side = settings.max_side or max(teacher.preprocessing.input_size)
+    transform = KeepAspect(max_side, patch_size(teacher), MULTI_SCALES if settings.multiscale else (1.0,))
+    database = FileSource([ImageFile(path, name) for path, name in zip(gnd.database_paths, gnd.imlist)],
+                          f"{gnd.name}_database")
+    boxes = gnd.query_boxes if settings.crop_queries else [None] * len(gnd.qimlist)
+    queries = FileSource([ImageFile(path, name, box=box) for path, name, box in zip(gnd.query_paths, gnd.qimlist, boxes)],
+                         f"{gnd.name}_queries{'_cropped' if settings.crop_queries else ''}")
+    database_features = extract_features(teacher, database, extraction, transform)
+    query_features = extract_features(teacher, queries, extraction, transform)
+    ranks = retrieval.rank_database(query_features.features, database_features.features)
+    metrics = {**retrieval.revisited_map(ranks, gnd.gnd), "queries_cropped": settings.crop_queries}
+    cropped = "cropped to bbx" if settings.crop_queries else "full image (not cropped)"
+    rows = [(protocol, percent(metrics[protocol]["map"]), *(percent(p) for p in metrics[protocol]["mp"]), cropped)
+            for protocol in ("medium", "hard")]
+    return TaskResult("retrieval", model.describe(),
+                      {"database": database_features.fingerprint["data"], "queries": query_features.fingerprint["data"]},
+                      {**dataclasses.asdict(settings), "dataset": gnd.name, "max_side": max_side,
+                       "transform": transform.describe(), "kappas": list(retrieval.KAPPAS)},
+                      metrics, ("protocol", "mAP %", "mP@1 %", "mP@5 %", "mP@10 %", "queries"), rows)
+
+
+def ood_task(model: EvalModel, data: EvalData, settings: OodSettings, extraction: Extraction) -> TaskResult:
+    """KNN OOD score (Sun et al. 2022) against ID train; per OOD set and per group, AUROC, AUPR and both FPR@95."""
+    data.require("ood")
+
+    def features_of(path: Path) -> Features:
+        return extract_features(model.teacher, open_images(path), extraction)
+
+    id_train, id_test = features_of(data.train), features_of(data.val)
+
+    def scores(features: Features) -> np.ndarray:
+        return ood.knn_ood_scores(id_train.features, features.features, settings.k, settings.train_fraction, settings.seed)
+
+    id_scores = scores(id_test)
+    per_set, fingerprints = {}, {"id_train": id_train.fingerprint["data"], "id_test": id_test.fingerprint["data"]}
+    for name, path in data.ood.items():
+        features = features_of(path)
+        per_set[name], fingerprints[name] = ood.ood_metrics(id_scores, scores(features)), features.fingerprint["data"]
+    groups = ood.group_means(per_set, data.ood_groups)
+    metric_names = ("auroc", "aupr_in", "aupr_out", "fpr95_id_tpr", "fpr95_ood_tpr")
+    rows = [(name, *(percent(values[m]) for m in metric_names)) for name, values in per_set.items()]
+    rows += [(f"{group} (mean of {', '.join(data.ood_groups[group])})", *(percent(values[m]) for m in metric_names))
+             for group, values in groups.items()]
+    return TaskResult("ood", model.describe(), fingerprints,
+                      {**dataclasses.asdict(settings), "groups": data.ood_groups,
+                       "score": "-(Euclidean distance to the k-th nearest L2-normalised ID-train feature)"},
+                      {"sets": per_set, "groups": groups},
+                      ("set", "AUROC %", "AUPR-In %", "AUPR-Out %", "FPR@95 ID-TPR %", "FPR@95 OOD-TPR %"), rows)
+
+
+SINGLE_MODEL_TASKS = {"knn": knn_task, "linear": linear_task, "retrieval": retrieval_task, "ood": ood_task}
+TASKS = (*SINGLE_MODEL_TASKS, "cka")
+
+
+def cka_features(model: EvalModel, path: Path, extraction: Extraction) -> Features:
+    """What CKA compares: raw (not normalised) post-norm CLS of every image, one row per image."""
+    return extract_features(model.teacher, open_images(path), extraction, normalized=False)
+
+
+def cka_task(features: dict[str, Features], models: dict[str, dict[str, Any]], settings: CkaSettings) -> TaskResult:
+    """Linear and debiased CKA between every pair of models on the same images, and the pairs ranked by their
+    distance to the target CKA. Rows are matched by sample key."""
+    names = list(features)
+    if len(names) < 2:
+        raise DistilleryError(f"CKA compares at least two models; got {len(names)}")
+    reference = features[names[0]]
+    for name in names[1:]:
+        if features[name].keys != reference.keys:
+            raise DistilleryError(f"CKA: the features of {name} and {names[0]} are not of the same images "
+                                  "(sample keys differ); extract both on one data set")
+    arrays = {name: f.features for name, f in features.items()}
+    _, linear = cka.cka_matrix(arrays)
+    _, debiased = cka.cka_matrix(arrays, debiased=True)
+    pairs = cka.rank_teacher_pairs(names, linear, settings.target, settings.tolerance)
+    index = {name: i for i, name in enumerate(names)}
+    for pair in pairs:
+        pair["debiased_cka"] = float(debiased[index[pair["pair"][0]], index[pair["pair"][1]]])
+    rows = [(name, *(f"{v:.3f}" for v in linear[i])) for i, name in enumerate(names)]
+    rows += [(f"{name} (debiased)", *(f"{v:.3f}" for v in debiased[i])) for i, name in enumerate(names)]
+    return TaskResult("cka", models, {"images": reference.fingerprint["data"]},
+                      {**dataclasses.asdict(settings), "features": "raw post-norm CLS, one row per image"},
+                      {"names": names, "linear": linear, "debiased": debiased, "pairs": pairs},
+                      ("linear CKA", *names), rows)
+
+
+def pairs_table(result: TaskResult) -> TaskResult:
+    """The CKA result shown as teacher pairs, closest to the target first."""
+    target = result.settings["target"]
+    rows = [(*pair["pair"], f"{pair['cka']:.3f}", f"{pair['debiased_cka']:.3f}", "yes" if pair["near_target"] else "")
+            for pair in result.metrics["pairs"]]
+    return dataclasses.replace(result, columns=("teacher", "teacher", "CKA", "debiased CKA", f"near {target:g}"), rows=rows)
