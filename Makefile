@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo cli-docs clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 # evaluation, results/demo/report.md. A second run reuses every finished step.
 demo: $(STAMP)
 	$(BIN)/distillery demo
+
+# docs/cli.md, the command reference, is generated from the typer app (a test checks it is current).
+cli-docs: $(STAMP)
+	$(BIN)/typer distillery.cli utils docs --name distillery --output docs/cli.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,6 +2,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,12 @@ def test_cli_lists_commands_and_reports_counts(synth_dir):
     missing = subprocess.run(cli + ["data", "info", str(synth_dir / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no such shard directory" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_the_command_reference_is_generated_from_the_current_app(tmp_path):
+    """docs/cli.md is what `make cli-docs` writes; a changed option without regenerating it fails here."""
+    typer_cli = Path(sys.executable).with_name("typer")
+    subprocess.run([str(typer_cli), "distillery.cli", "utils", "docs", "--name", "distillery", "--output",
+                    str(tmp_path / "cli.md")], capture_output=True, check=True)
+    committed = Path(__file__).parents[1] / "docs" / "cli.md"
+    assert committed.read_text() == (tmp_path / "cli.md").read_text(), "docs/cli.md is stale: run make cli-docs"
