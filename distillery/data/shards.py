@@ -256,9 +256,9 @@ class ShardWriter:
         if self._writer is not None:
             self._finish_shard()
         if classes is not None:
-            _write_atomic(self.root / CLASSES_FILE, json.dumps(list(classes), indent=1))
+            write_atomic(self.root / CLASSES_FILE, json.dumps(list(classes), indent=1))
         index = {"format": INDEX_FORMAT, "shards": [asdict(s) for s in self.shards]}
-        _write_atomic(self.root / INDEX_FILE, json.dumps(index, indent=1))
+        write_atomic(self.root / INDEX_FILE, json.dumps(index, indent=1))
         return self.shards
 
     def abort(self) -> None:
@@ -290,7 +290,8 @@ class ShardWriter:
         ))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name and rename, so a file with this name is always complete."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     os.replace(partial, path)

@@ -20,6 +20,7 @@ import numpy as np
 
 import distillery
 from distillery.console import print_table
+from distillery.data.shards import write_atomic
 from distillery.errors import DistilleryError
 
 RESULTS_DIR = Path("results")
@@ -72,12 +73,10 @@ def write_json(path: str | os.PathLike, values: Any) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write atomically: a temporary file in the same directory, then a rename."""
+    """Write atomically (see data.shards.write_atomic), creating the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_atomic(path, text)
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.experiments.definition import Experiment, ExperimentError, PaperResult
+from distillery.data.shards import write_atomic
 from distillery.errors import DistilleryError
 from distillery.evaluate.results import read_metric
 from distillery.experiments.metrics import PERCENT, MetricPath
@@ -67,7 +68,5 @@ def write_report(experiment: Experiment, results: Path) -> tuple[Path, Path]:
     report = build_report(experiment, results)
     paths = results / "report.md", results / "report.json"
     for path, text in zip(paths, (format_report(report), json.dumps(report, indent=1) + "\n")):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text)
-        partial.replace(path)
+        write_atomic(path, text)
     return paths
