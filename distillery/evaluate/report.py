@@ -20,7 +20,8 @@ import numpy as np
 import yaml
 
 from distillery.errors import DistilleryError
-from distillery.evaluate.results import MetricPath, read_metric, read_result, write_text
+from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, knn_top1, ood_metric, read_metric, read_result,
+                                        retrieval_map, write_text)
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,14 @@ class Column:
 
 # The one place that says which numbers the demo's table shows and where each lives in the result files.
 COLUMNS = (
-    Column("kNN top-1 (k=20)", MetricPath("knn", ("k=20", "top1"))),
-    Column("linear top-1", MetricPath("linear", ("val", "top1"))),
-    Column("retrieval Medium mAP", MetricPath("retrieval", ("medium", "map"))),
-    Column("retrieval Hard mAP", MetricPath("retrieval", ("hard", "map"))),
-    Column("OOD near AUROC", MetricPath("ood", ("groups", "near", "auroc"))),
-    Column("OOD far AUROC", MetricPath("ood", ("groups", "far", "auroc"))),
-    Column("OOD near FPR@95", MetricPath("ood", ("groups", "near", "fpr95_id_tpr")), higher_is_better=False),
-    Column("OOD far FPR@95", MetricPath("ood", ("groups", "far", "fpr95_id_tpr")), higher_is_better=False),
+    Column("kNN top-1 (k=20)", knn_top1(20)),
+    Column("linear top-1", LINEAR_TOP1),
+    Column("retrieval Medium mAP", retrieval_map("medium")),
+    Column("retrieval Hard mAP", retrieval_map("hard")),
+    Column("OOD near AUROC", ood_metric("near", "auroc", grouped=True)),
+    Column("OOD far AUROC", ood_metric("far", "auroc", grouped=True)),
+    Column("OOD near FPR@95", ood_metric("near", "fpr95_id_tpr", grouped=True), higher_is_better=False),
+    Column("OOD far FPR@95", ood_metric("far", "fpr95_id_tpr", grouped=True), higher_is_better=False),
 )
 
 

@@ -101,6 +101,35 @@ class MetricPath(NamedTuple):
     def describe(self) -> str:
         return f"metrics/{'/'.join(self.keys)}"
 
+    def lookup(self, metrics: Any, source: str | os.PathLike) -> Any:
+        """The value at these keys of a result's "metrics"; a missing key is an error naming `source`."""
+        value = metrics
+        for depth, key in enumerate(self.keys):
+            if not isinstance(value, dict) or key not in value:
+                found = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+                raise DistilleryError(f"{source}: no metrics/{'/'.join(self.keys[:depth + 1])} (found: {found})")
+            value = value[key]
+        return value
+
+
+# Where the protocols keep their headline numbers (evaluate/tasks.py writes them): every table that shows
+# one (the suite's summary, the demo report, the experiments report) asks here, so a renamed key is one edit.
+def knn_top1(k: int) -> MetricPath:
+    return MetricPath("knn", (f"k={k}", "top1"))
+
+
+LINEAR_TOP1 = MetricPath("linear", ("val", "top1"))
+
+
+def retrieval_map(protocol: str) -> MetricPath:
+    """`protocol`: "medium" or "hard"."""
+    return MetricPath("retrieval", (protocol, "map"))
+
+
+def ood_metric(name: str, metric: str, grouped: bool) -> MetricPath:
+    """`metric` of OOD set `name`, or of group `name` (the mean over its sets) when `grouped`."""
+    return MetricPath("ood", ("groups" if grouped else "sets", name, metric))
+
 
 def read_result(path: Path) -> dict[str, Any]:
     """A result file's contents; a missing or broken file is an error naming it (reports never leave a blank)."""
@@ -115,12 +144,7 @@ def read_result(path: Path) -> dict[str, Any]:
 def read_metric(eval_dir: Path, model: str, where: MetricPath) -> float:
     """The fraction at `where` in EVAL_DIR/<model>/<task>.json; anything but a finite number is an error."""
     path = Path(eval_dir) / model / f"{where.task}.json"
-    value: Any = read_result(path).get("metrics")
-    for depth, key in enumerate(where.keys):
-        if not isinstance(value, dict) or key not in value:
-            found = ", ".join(value) if isinstance(value, dict) else type(value).__name__
-            raise DistilleryError(f"{path}: no metrics/{'/'.join(where.keys[:depth + 1])} (found: {found})")
-        value = value[key]
+    value = where.lookup(read_result(path).get("metrics"), path)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DistilleryError(f"{path}: {where.describe()} is {value!r}, not a number")
     return float(value)

@@ -29,7 +29,8 @@ from distillery.console import console, print_table
 from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
-from distillery.evaluate.results import RESULTS_DIR, TaskResult, default_path, percent, save_result, write_json, write_text
+from distillery.evaluate.results import (LINEAR_TOP1, RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1,
+                                        ood_metric, percent, retrieval_map, save_result, write_json, write_text)
 from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
                                        cka_features, cka_task, settings_from_dict)
 from distillery.models.teachers import teacher_name
@@ -211,24 +212,25 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
     return SuiteSummary(columns, rows, markdown, summary)
 
 
-def _summary_cells(task: str, result: TaskResult, config: SuiteConfig) -> list[tuple[str, str]]:
-    """(column, cell) pairs a task adds to its model's summary row."""
-    metrics = result.metrics
+def _summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPath]]:
+    """(column, where its number is) for what a task adds to its model's summary row."""
     if task == "knn":
-        k = 20 if "k=20" in metrics else config.settings["knn"].ks[0]
-        return [(f"kNN top-1 (k={k})", percent(metrics[f"k={k}"]["top1"]))]
+        ks = config.settings["knn"].ks
+        k = 20 if 20 in ks else ks[0]
+        return [(f"kNN top-1 (k={k})", knn_top1(k))]
     if task == "linear":
-        return [("linear top-1", percent(metrics["val"]["top1"]))]
+        return [("linear top-1", LINEAR_TOP1)]
     if task == "retrieval":
-        return [("retrieval M mAP", percent(metrics["medium"]["map"])), ("retrieval H mAP", percent(metrics["hard"]["map"]))]
-    cells = []
-    for group, values in (metrics["groups"] or metrics["sets"]).items():
-        cells += [(f"OOD {group} AUROC", percent(values["auroc"])), (f"OOD {group} FPR@95", percent(values["fpr95_id_tpr"]))]
-    return cells
+        return [("retrieval M mAP", retrieval_map("medium")), ("retrieval H mAP", retrieval_map("hard"))]
+    grouped = bool(config.data.ood_groups)
+    return [column for name in (config.data.ood_groups if grouped else config.data.ood)
+            for column in ((f"OOD {name} AUROC", ood_metric(name, "auroc", grouped)),
+                           (f"OOD {name} FPR@95", ood_metric(name, "fpr95_id_tpr", grouped)))]
 
 
 def summary_table(results: dict[str, dict[str, TaskResult]], config: SuiteConfig) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    cells = {name: dict(cell for task, result in by_task.items() for cell in _summary_cells(task, result, config))
+    cells = {name: {column: percent(where.lookup(result.metrics, f"{task} result of {name}"))
+                    for task, result in by_task.items() for column, where in _summary_columns(task, config)}
              for name, by_task in results.items()}
     columns = list(dict.fromkeys(column for row in cells.values() for column in row))
     return ("model", *columns), [(name, *(row.get(column, "-") for column in columns)) for name, row in cells.items()]

@@ -1,12 +1,12 @@
-"""Where the evaluation JSON files keep each metric the report shows.
+"""The metrics an experiment's report shows, by the names its `paper_results` use.
 
 `distillery eval suite` writes `<results>/eval/<model>/<task>.json` with the numbers under "metrics", as
-fractions. This is the only place that knows that layout: if a key name changes, this is the one edit.
+fractions; evaluate/results.py says where each one is.
 """
 
 from __future__ import annotations
 
-from distillery.evaluate.results import MetricPath
+from distillery.evaluate.results import LINEAR_TOP1, MetricPath, knn_top1, ood_metric, retrieval_map
 
 PERCENT = 100  # the evaluation writes fractions; the papers report percent
 TASKS = ("knn", "linear", "retrieval", "ood")  # the tasks the report can read
@@ -16,11 +16,11 @@ def metric_paths(tasks: tuple[str, ...], ood_sets: list[str], retrieval: str | N
     """Every metric the report shows, by its name in an experiment's `paper_results`, for these tasks."""
     paths: dict[str, MetricPath] = {}
     if "knn" in tasks:
-        paths |= {f"knn top-1 (k={k})": MetricPath("knn", (f"k={k}", "top1")) for k in (10, 20)}
+        paths |= {f"knn top-1 (k={k})": knn_top1(k) for k in (10, 20)}
     if "linear" in tasks:
-        paths["linear top-1"] = MetricPath("linear", ("val", "top1"))
+        paths["linear top-1"] = LINEAR_TOP1
     if "retrieval" in tasks and retrieval:
-        paths |= {f"{retrieval} mAP ({level})": MetricPath("retrieval", (level, "map")) for level in ("medium", "hard")}
+        paths |= {f"{retrieval} mAP ({level})": retrieval_map(level) for level in ("medium", "hard")}
     if "ood" in tasks:
-        paths |= {f"ood AUROC ({name})": MetricPath("ood", ("sets", name, "auroc")) for name in ood_sets}
+        paths |= {f"ood AUROC ({name})": ood_metric(name, "auroc", grouped=False) for name in ood_sets}
     return paths
