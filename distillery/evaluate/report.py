@@ -21,7 +21,7 @@ import yaml
 
 from distillery.errors import DistilleryError
 from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, knn_top1, ood_metric, read_metric, read_result,
-                                        retrieval_map, write_text)
+                                        retrieval_map, write_json, write_text)
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,10 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures.items()]
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n")
-    write_text(out / "report.json", json.dumps({
+    write_json(out / "report.json", {
         "columns": [c.title for c in COLUMNS], "rows": rows,
         "teacher_cka": [{"pair": [a, b], "linear": c, "debiased": d} for a, b, c, d in pairs],
-        "figures": {t: p.name for t, p in figures.items()}}, indent=1))
+        "figures": {t: p.name for t, p in figures.items()}})
     return report
 
 

@@ -46,6 +46,7 @@ class TaskResult:
 
 
 def default_path(model_name: str, task: str, root: Path = RESULTS_DIR) -> Path:
+    """ROOT/<model>/<task>.json: where a model's result is written and read back."""
     return Path(root) / model_name / f"{task}.json"
 
 
@@ -143,7 +144,7 @@ def read_result(path: Path) -> dict[str, Any]:
 
 def read_metric(eval_dir: Path, model: str, where: MetricPath) -> float:
     """The fraction at `where` in EVAL_DIR/<model>/<task>.json; anything but a finite number is an error."""
-    path = Path(eval_dir) / model / f"{where.task}.json"
+    path = default_path(model, where.task, eval_dir)
     value = where.lookup(read_result(path).get("metrics"), path)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DistilleryError(f"{path}: {where.describe()} is {value!r}, not a number")

@@ -193,7 +193,7 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
                 models.update(model.describe())
                 continue
             result = SINGLE_MODEL_TASKS[task](model, config.data, config.settings[task], extraction)
-            save_result(result, config.out / name / f"{task}.json")
+            save_result(result, default_path(name, task, config.out))
             results[name][task] = result
     cka_result = None
     if cka_inputs:

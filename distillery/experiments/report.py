@@ -6,14 +6,12 @@ report.json are written only after every number was read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from distillery.experiments.definition import Experiment, ExperimentError, PaperResult
-from distillery.data.shards import write_atomic
 from distillery.errors import DistilleryError
-from distillery.evaluate.results import read_metric
+from distillery.evaluate.results import default_path, read_metric, write_json, write_text
 from distillery.experiments.metrics import PERCENT, MetricPath
 
 
@@ -22,7 +20,7 @@ def build_report(experiment: Experiment, results: Path) -> dict[str, Any]:
     reproduced = {}
     for model in experiment.models:
         for metric, where in experiment.metrics.items():
-            path = results / "eval" / model / f"{where.task}.json"
+            path = default_path(model, where.task, results / "eval")
             reproduced[model, metric] = (_read_metric(results / "eval", model, where, metric), f"{path}#{where.describe()}")
 
     def row(model: str, metric: str, paper: PaperResult | None) -> dict[str, Any]:
@@ -66,7 +64,4 @@ def format_report(report: dict[str, Any]) -> str:
 def write_report(experiment: Experiment, results: Path) -> tuple[Path, Path]:
     """Write `results`/report.md and report.json; returns their paths."""
     report = build_report(experiment, results)
-    paths = results / "report.md", results / "report.json"
-    for path, text in zip(paths, (format_report(report), json.dumps(report, indent=1) + "\n")):
-        write_atomic(path, text)
-    return paths
+    return write_text(results / "report.md", format_report(report)), write_json(results / "report.json", report)
