@@ -1,5 +1,4 @@
 import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from distillery.cache.store import CacheError, CacheStore, decode, encode, storage_tolerance
 from distillery.cache.verify import verify_store

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.cache.stats import Moments
-from distillery.cache.store import CacheStore, TeacherStats, decode
+from distillery.cache.store import CacheStore, TeacherStats
 from distillery.console import progress_bar
 from distillery.data.shards import ShardSet, decode_image
 from distillery.data.views import ViewConfig, draw_view, normalize, replay
