@@ -171,15 +171,15 @@ def test_synthetic_retrieval_set_loads_and_a_perfect_ranking_scores_one(tmp_path
     assert result["medium"]["map"] == 1.0 and result["hard"]["map"] == 1.0
 
 
-def test_a_colour_histogram_solves_much_of_the_synth_retrieval_set(synth_dir, tmp_path):
-    """The floor BENCHMARKS.md sets models against: synth landmarks are found by their colours."""
+def test_a_colour_histogram_does_not_solve_the_synth_retrieval_set(synth_dir, tmp_path):
+    """The floor the demo sets models against: views change colour balance, so colour finds few landmarks."""
     script = Path(__file__).parents[1] / "benchmarks" / "retrieval_colour_baseline.py"
     out = tmp_path / "colour.json"
     subprocess.run([sys.executable, str(script), "--data-root", str(synth_dir / "retrieval"), "--out", str(out)],
                    check=True, capture_output=True)
     result = json.loads(out.read_text())
-    # chance is about 8 positives in 56 database images; colour alone ranks a true view first for every query
-    assert result["medium"]["map"] > 50 and result["medium"]["mp@1,5,10"][0] == 100.0
+    # chance is about 8 positives in 56 database images; hue-rotated views defeat a colour descriptor
+    assert result["medium"]["map"] < 50 and result["medium"]["mp@1,5,10"][0] < 100.0
     assert 0 < result["hard"]["map"] <= result["medium"]["map"]
 
 

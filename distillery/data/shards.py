@@ -29,6 +29,8 @@ from distillery.errors import DistilleryError
 
 INDEX_FILE = "shards.json"
 CLASSES_FILE = "classes.json"
+FACTORS_FILE = "factors.json"
+CLASS_LABEL = "class"  # the label in each sample's .cls; any other label is a factor of factors.json
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_FORMAT = "distillery-shards/1"
 
@@ -106,6 +108,7 @@ class ShardSet:
     root: Path
     shards: tuple[ShardInfo, ...]
     classes: tuple[str, ...] | None = None
+    factors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # factor -> value names (factors.json)
     offsets: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -126,9 +129,12 @@ class ShardSet:
         classes = None
         if (root / CLASSES_FILE).exists():
             classes = tuple(json.loads((root / CLASSES_FILE).read_text()))
+        factors = {}
+        if (root / FACTORS_FILE).exists():
+            factors = {str(k): tuple(v) for k, v in json.loads((root / FACTORS_FILE).read_text()).items()}
         index_path = root / INDEX_FILE
         if not index_path.exists():
-            return cls(root, tuple(_scan_shard(root / name) for name in tars), classes)
+            return cls(root, tuple(_scan_shard(root / name) for name in tars), classes, factors)
         index = json.loads(index_path.read_text())
         if index.get("format") != INDEX_FORMAT:
             raise ShardError(f"{index_path}: unknown index format {index.get('format')!r}, expected {INDEX_FORMAT}")
@@ -141,7 +147,7 @@ class ShardSet:
             missing = sorted(set(listed) - set(tars))
             extra = sorted(set(tars) - set(listed))
             raise ShardError(f"{index_path}: index does not match the .tar files (missing: {missing}, not indexed: {extra})")
-        return cls(root, shards, classes)
+        return cls(root, shards, classes, factors)
 
     @property
     def num_samples(self) -> int:
@@ -158,6 +164,27 @@ class ShardSet:
             "num_samples": self.num_samples,
             "keys_sha256": keys_sha256(s.keys_sha256 for s in self.shards),
         }
+
+    def label_names(self, label: str = CLASS_LABEL) -> tuple[str, ...] | None:
+        """The names of a label's values: the classes for `class`, else a factor's values (factors.json)."""
+        if label == CLASS_LABEL:
+            return self.classes
+        if label not in self.factors:
+            known = ", ".join([CLASS_LABEL, *self.factors])
+            raise ShardError(f"{self.root}: no label {label!r} here (labels: {known})")
+        return self.factors[label]
+
+    def label_sizes(self) -> dict[str, int]:
+        """How many values each label of these shards takes (the class, when classes.json names it, and factors)."""
+        sizes = {CLASS_LABEL: len(self.classes)} if self.classes else {}
+        return {**sizes, **{name: len(values) for name, values in self.factors.items()}}
+
+    def label_of(self, record: Record, label: str = CLASS_LABEL) -> int | None:
+        """A record's value of `label` (an index into `label_names(label)`), or None when it has none."""
+        if label == CLASS_LABEL:
+            return record.label
+        value = record.meta.get("factors", {}).get(label)
+        return None if value is None else int(value)
 
     def records(self, shard_id: int) -> Iterator[Record]:
         """Yield the samples of one shard in file order, undecoded, with their global indices."""
@@ -252,11 +279,14 @@ class ShardWriter:
         if len(self._keys) == self.shard_size:
             self._finish_shard()
 
-    def close(self, classes: list[str] | None = None) -> list[ShardInfo]:
+    def close(self, classes: list[str] | None = None, factors: dict[str, list[str]] | None = None) -> list[ShardInfo]:
+        """Finish the last shard, then write the class and factor names and the index (last)."""
         if self._writer is not None:
             self._finish_shard()
         if classes is not None:
             write_atomic(self.root / CLASSES_FILE, json.dumps(list(classes), indent=1))
+        if factors:
+            write_atomic(self.root / FACTORS_FILE, json.dumps(factors, indent=1))
         index = {"format": INDEX_FORMAT, "shards": [asdict(s) for s in self.shards]}
         write_atomic(self.root / INDEX_FILE, json.dumps(index, indent=1))
         return self.shards
@@ -338,6 +368,7 @@ def describe(shard_set: ShardSet, progress: Callable[[int], None] | None = None)
         "samples": shard_set.num_samples,
         "classes": len(shard_set.classes) if shard_set.classes else 0,
         "class_names": list(shard_set.classes or ()),
+        "factors": {name: list(values) for name, values in shard_set.factors.items()},
         "min_size": min(sizes, key=area) if sizes else None,
         "max_size": max(sizes, key=area) if sizes else None,
         "indexed": (shard_set.root / INDEX_FILE).exists(),

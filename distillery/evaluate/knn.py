@@ -58,16 +58,25 @@ def _votes(similarities: np.ndarray, neighbour_labels: np.ndarray, temperature: 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, ks=DEFAULT_KS,
                  temperature: float = TEMPERATURE, num_classes: int | None = None) -> dict[str, Any]:
-    """Top-1 and top-5 (fractions) for every k, from one search at the largest k."""
+    """Top-1 and top-5 (fractions) for every k, from one search at the largest k; `predictions` holds each
+    k's top-1 class per test sample, so that two models' predictions can be compared (agreement)."""
     train, test = l2_normalize(train_features), l2_normalize(test_features)
     labels = np.asarray(train_labels, dtype=np.int64)
     truth = np.asarray(test_labels, dtype=np.int64)
     num_classes = int(max(labels.max(), truth.max())) + 1 if num_classes is None else num_classes
     similarities, indices = nearest_neighbours(train, test, max(ks))
-    out = {}
+    out: dict[str, Any] = {"predictions": {}}
     for k in ks:
         scores = _votes(similarities[:, :k], labels[indices[:, :k]], temperature, num_classes)
         ranked = np.argsort(-scores, axis=1, kind="stable")
         out[f"k={k}"] = {"top1": float((ranked[:, 0] == truth).mean()),
                          "top5": float((ranked[:, :min(5, num_classes)] == truth[:, None]).any(1).mean())}
+        out["predictions"][f"k={k}"] = ranked[:, 0].tolist()
     return out
+
+
+def prediction_agreement(a: list[int], b: list[int]) -> float:
+    """The share of test samples on which two models' kNN top-1 predictions are the same class."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"predictions of {len(a)} and {len(b)} samples cannot be compared")
+    return float(np.mean(np.asarray(a) == np.asarray(b)))

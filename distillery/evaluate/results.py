@@ -20,7 +20,7 @@ import numpy as np
 
 import distillery
 from distillery.console import print_table
-from distillery.data.shards import write_atomic
+from distillery.data.shards import CLASS_LABEL, write_atomic
 from distillery.errors import DistilleryError
 
 RESULTS_DIR = Path("results")
@@ -115,11 +115,20 @@ class MetricPath(NamedTuple):
 
 # Where the protocols keep their headline numbers (evaluate/tasks.py writes them): every table that shows
 # one (the suite's summary, the demo report, the experiments report) asks here, so a renamed key is one edit.
-def knn_top1(k: int) -> MetricPath:
-    return MetricPath("knn", (f"k={k}", "top1"))
+def labelled_task(task: str, label: str = CLASS_LABEL) -> str:
+    """The result name of a labelled task scored on `label`: `knn` for the class, `knn-pattern` for a factor."""
+    return task if label == CLASS_LABEL else f"{task}-{label}"
 
 
-LINEAR_TOP1 = MetricPath("linear", ("val", "top1"))
+def knn_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
+    return MetricPath(labelled_task("knn", label), (f"k={k}", "top1"))
+
+
+def linear_top1(label: str = CLASS_LABEL) -> MetricPath:
+    return MetricPath(labelled_task("linear", label), ("val", "top1"))
+
+
+LINEAR_TOP1 = linear_top1()
 
 
 def retrieval_map(protocol: str) -> MetricPath:

@@ -9,11 +9,12 @@ Suite config (paths relative to the working directory; `configs/eval_synth.yaml`
       val: synth/val
       ood: {near: synth/ood/near, far: synth/ood/far}   # group: directory, or group: [directories]
       retrieval: {dataset: synth, root: synth/retrieval}
-    tasks: [knn, linear, retrieval, ood, cka]
+    tasks: [knn, linear, retrieval, ood, cka, "knn:pattern"]   # TASK:LABEL scores knn/linear on a factor
     settings: {knn: {ks: [10, 20, 100, 200]}, linear: {grid: dinov2}, ood: {k: 10}, retrieval: {crop_queries: true}}
     out: results/eval_synth
 
-It writes OUT/<model>/<task>.json, OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
+`knn:pattern` (or `linear:<label>`) scores the task on a factor the shards record instead of the class,
+with the task's settings otherwise, into OUT/<model>/knn-pattern.json. It writes OUT/<model>/<task>.json, OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
 columns: kNN top-1 at k=20, linear top-1, retrieval Medium/Hard mAP, OOD AUROC and FPR@95 per group).
 Features are cached under OUT/<model>/features, so a re-run reuses them.
 """
@@ -29,7 +30,8 @@ from distillery.console import console, print_table
 from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
-from distillery.evaluate.results import (LINEAR_TOP1, RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1,
+from distillery.data.shards import CLASS_LABEL
+from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1, labelled_task, linear_top1,
                                         ood_metric, percent, retrieval_map, save_result, write_json, write_text)
 from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
                                        cka_features, cka_task, settings_from_dict)
@@ -56,7 +58,7 @@ def run_task(task: str, spec: str, data: EvalData, settings: Any, extraction: Ex
     data.require(task)
     model = EvalModel.load(name, spec, device or default_device(), any_size=task == "retrieval")
     result = SINGLE_MODEL_TASKS[task](model, data, settings, _cached_under(extraction, results_root, name))
-    return result, save_result(result, out or default_path(name, task, results_root))
+    return result, save_result(result, out or default_path(name, result.task, results_root))
 
 
 def run_cka(specs: list[str], feature_files: list[str], data: Path | None, settings: CkaSettings, extraction: Extraction,
@@ -140,6 +142,21 @@ def _suite_data(values: dict, source: Path) -> EvalData:
                     extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"))
 
 
+LABELLED_TASKS = ("knn", "linear")
+
+
+def split_task(entry: str) -> tuple[str, str]:
+    """`knn:pattern` -> (`knn`, `pattern`); `knn` -> (`knn`, `class`)."""
+    task, _, label = str(entry).partition(":")
+    return task, label or CLASS_LABEL
+
+
+def task_settings(config: SuiteConfig, entry: str) -> Any:
+    task, label = split_task(entry)
+    settings = config.settings[task]
+    return dataclasses.replace(settings, label=label) if task in LABELLED_TASKS else settings
+
+
 def read_suite_config(path: str | Path) -> SuiteConfig:
     """Parse and check a suite config; an unknown key anywhere is a one-line error naming the file and key."""
     path = Path(path)
@@ -149,9 +166,12 @@ def read_suite_config(path: str | Path) -> SuiteConfig:
     if not models:
         raise DistilleryError(f"{path}: models is empty; give name: spec entries")
     tasks = values.get("tasks") or list(TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if split_task(t)[0] not in TASKS]
     if unknown:
         raise DistilleryError(f"{path}: unknown task {unknown[0]!r} in tasks; known: {', '.join(TASKS)}")
+    unlabelled = [t for t in tasks if ":" in t and split_task(t)[0] not in LABELLED_TASKS]
+    if unlabelled:
+        raise DistilleryError(f"{path}: task {unlabelled[0]!r}: only {' and '.join(LABELLED_TASKS)} take a :label")
     if "cka" in tasks and len(models) < 2:
         raise DistilleryError(f"{path}: the cka task compares models; list at least two under models")
     settings_values = _mapping(values.get("settings") or {}, "settings", path)
@@ -177,7 +197,7 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
     if not isinstance(config, SuiteConfig):
         config = read_suite_config(config)
     for task in config.tasks:
-        config.data.require(task)
+        config.data.require(split_task(task)[0])
     device = config.device or default_device()
     results: dict[str, dict[str, TaskResult]] = {}
     cka_inputs: dict[str, Features] = {}
@@ -192,8 +212,9 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
                 cka_inputs[name] = cka_features(model, config.data.cka or config.data.val, extraction)
                 models.update(model.describe())
                 continue
-            result = SINGLE_MODEL_TASKS[task](model, config.data, config.settings[task], extraction)
-            save_result(result, default_path(name, task, config.out))
+            base, label = split_task(task)
+            result = SINGLE_MODEL_TASKS[base](model, config.data, task_settings(config, task), extraction)
+            save_result(result, default_path(name, labelled_task(base, label), config.out))
             results[name][task] = result
     cka_result = None
     if cka_inputs:
@@ -212,14 +233,16 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
     return SuiteSummary(columns, rows, markdown, summary)
 
 
-def _summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPath]]:
+def summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPath]]:
     """(column, where its number is) for what a task adds to its model's summary row."""
+    task, label = split_task(task)
+    about = "" if label == CLASS_LABEL else f" {label}"
     if task == "knn":
         ks = config.settings["knn"].ks
         k = 20 if 20 in ks else ks[0]
-        return [(f"kNN top-1 (k={k})", knn_top1(k))]
+        return [(f"kNN{about} top-1 (k={k})", knn_top1(k, label))]
     if task == "linear":
-        return [("linear top-1", LINEAR_TOP1)]
+        return [(f"linear{about} top-1", linear_top1(label))]
     if task == "retrieval":
         return [("retrieval M mAP", retrieval_map("medium")), ("retrieval H mAP", retrieval_map("hard"))]
     grouped = bool(config.data.ood_groups)
@@ -230,7 +253,7 @@ def _summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPa
 
 def summary_table(results: dict[str, dict[str, TaskResult]], config: SuiteConfig) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     cells = {name: {column: percent(where.lookup(result.metrics, f"{task} result of {name}"))
-                    for task, result in by_task.items() for column, where in _summary_columns(task, config)}
+                    for task, result in by_task.items() for column, where in summary_columns(task, config)}
              for name, by_task in results.items()}
     columns = list(dict.fromkeys(column for row in cells.values() for column in row))
     return ("model", *columns), [(name, *(row.get(column, "-") for column in columns)) for name, row in cells.items()]

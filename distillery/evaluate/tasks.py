@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from distillery.data.shards import CLASS_LABEL, ShardSet
 from distillery.errors import DistilleryError
 from distillery.evaluate import cka, ood, retrieval
-from distillery.evaluate.features import (MULTI_SCALES, Extraction, Features, FileSource, ImageFile, ImageSource,
+from distillery.evaluate.features import (MULTI_SCALES, Extraction, Features, FileSource, ImageFile,
                                           KeepAspect, Pooling, extract_features, load_model, open_images, patch_size)
 from distillery.evaluate.knn import DEFAULT_KS, TEMPERATURE, knn_accuracy
 from distillery.evaluate.linear import LabelledSet, LinearConfig, linear_probe
-from distillery.evaluate.results import TaskResult, percent
+from distillery.evaluate.results import TaskResult, labelled_task, percent
 from distillery.models.teachers import Teacher
 
 
@@ -62,12 +63,14 @@ REQUIRED_DATA = {"knn": ("train", "val"), "linear": ("train", "val"), "retrieval
 class KnnSettings:
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = TEMPERATURE
+    label: str = CLASS_LABEL  # the class, or a factor the shards record (factors.json)
 
 
 @dataclass(frozen=True)
 class LinearSettings(LinearConfig):
     pooling: str = "cls"  # cls, patch_mean or last_blocks (DINO's linear input: last 4 CLS for ViT-S)
     last_blocks: int = 4
+    label: str = CLASS_LABEL  # the class, or a factor the shards record (factors.json)
 
     def features_pooling(self) -> Pooling:
         return Pooling(self.pooling, self.last_blocks)
@@ -128,19 +131,36 @@ class EvalModel:
 # ---------------------------------------------------------------------------------------------- labelled data
 
 def labelled_features(model: EvalModel, path: Path, extraction: Extraction, pooling: Pooling = Pooling(),
-                      normalized: bool = True) -> tuple[ImageSource, Features]:
+                      normalized: bool = True, label: str = CLASS_LABEL) -> tuple[tuple[str, ...] | None, Features]:
+    """Features of a labelled set with its label names. `label` is the class, or a factor the shards record;
+    features do not depend on it, so every label reuses one extraction."""
     source = open_images(path)
     features = extract_features(model.teacher, source, extraction, pooling=pooling, normalized=normalized)
+    if label != CLASS_LABEL:
+        return factor_labels(path, label, features)
     if features.labels is None:
         raise DistilleryError(f"{path}: these images have no labels (no .cls in the shards, or not class directories)")
-    return source, features
+    return source.classes, features
 
 
-def train_label_space(train_path: Path, train_source: ImageSource, train: Features, path: Path,
-                      source: ImageSource, features: Features) -> np.ndarray:
+def factor_labels(path: Path, label: str, features: Features) -> tuple[tuple[str, ...], Features]:
+    """`features` labelled by a factor of the shards' factors.json, read from each sample's .json by key."""
+    if not Path(path).is_dir() or not any(Path(path).glob("*.tar")):
+        raise DistilleryError(f"{path}: label {label!r} needs shards that record factors (factors.json)")
+    shard_set = ShardSet.open(path)
+    names = shard_set.label_names(label)
+    by_key = {r.key: shard_set.label_of(r, label) for shard in range(len(shard_set)) for r in shard_set.records(shard)}
+    missing = [key for key in features.keys if by_key.get(key) is None]
+    if missing:
+        raise DistilleryError(f"{path}: sample {missing[0]} has no {label!r} factor in its .json")
+    labels = np.array([by_key[key] for key in features.keys], np.int64)
+    return names, features._replace(labels=labels)
+
+
+def train_label_space(train_path: Path, train_classes: tuple[str, ...] | None, train: Features, path: Path,
+                      classes: tuple[str, ...] | None, features: Features) -> np.ndarray:
     """`features`' labels as indices of the train classes: as they are when both sets list the same classes
     (or either lists none), else mapped by class name (a set of some of the train classes)."""
-    train_classes, classes = train_source.classes, source.classes
     num_classes = len(train_classes) if train_classes else int(train.labels.max()) + 1
     labels = features.labels
     if train_classes and classes and tuple(classes) != tuple(train_classes):
@@ -177,17 +197,28 @@ def class_mask(path: Path, train_classes: tuple[str, ...] | None, num_classes: i
 
 # ---------------------------------------------------------------------------------------------- tasks
 
+def score_knn(data: EvalData, settings: KnnSettings, train: tuple[tuple[str, ...] | None, Features],
+              val: tuple[tuple[str, ...] | None, Features]) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
+    """kNN metrics and table rows for labelled (label names, features) of train and val, any features at all
+    (a model's, raw pixels, a projection)."""
+    (train_classes, train_features), (val_classes, val_features) = train, val
+    val_labels = train_label_space(data.train, train_classes, train_features, data.val, val_classes, val_features)
+    num_classes = (len(train_classes) if train_classes
+                   else int(max(train_features.labels.max(), val_labels.max())) + 1)
+    metrics = knn_accuracy(train_features.features, train_features.labels, val_features.features, val_labels,
+                           settings.ks, settings.temperature, num_classes)
+    rows = [(k.removeprefix("k="), percent(v["top1"]), percent(v["top5"])) for k, v in metrics.items() if k != "predictions"]
+    return metrics, rows
+
+
 def knn_task(model: EvalModel, data: EvalData, settings: KnnSettings, extraction: Extraction) -> TaskResult:
     """Weighted kNN (DINO): L2-normalised CLS, votes exp(sim / T), top-1/top-5 per k."""
     data.require("knn")
-    train_source, train = labelled_features(model, data.train, extraction)
-    val_source, val = labelled_features(model, data.val, extraction)
-    val_labels = train_label_space(data.train, train_source, train, data.val, val_source, val)
-    num_classes = len(train_source.classes) if train_source.classes else int(max(train.labels.max(), val_labels.max())) + 1
-    metrics = knn_accuracy(train.features, train.labels, val.features, val_labels, settings.ks, settings.temperature,
-                           num_classes)
-    rows = [(k.removeprefix("k="), percent(v["top1"]), percent(v["top5"])) for k, v in metrics.items()]
-    return TaskResult("knn", model.describe(), {"train": train.fingerprint["data"], "val": val.fingerprint["data"]},
+    train_classes, train = labelled_features(model, data.train, extraction, label=settings.label)
+    val_classes, val = labelled_features(model, data.val, extraction, label=settings.label)
+    metrics, rows = score_knn(data, settings, (train_classes, train), (val_classes, val))
+    return TaskResult(labelled_task("knn", settings.label), model.describe(),
+                      {"train": train.fingerprint["data"], "val": val.fingerprint["data"]},
                       {**dataclasses.asdict(settings), "features": "L2-normalised CLS after the final norm"},
                       metrics, ("k", "top-1 %", "top-5 %"), rows)
 
@@ -200,13 +231,13 @@ def linear_task(model: EvalModel, data: EvalData, settings: LinearSettings, extr
         raise DistilleryError(f"eval linear: class list given for {unknown[0]!r}, which is not an extra set")
     pooling = settings.features_pooling()
     # raw features, as DINO's and DINOv2's probes take them: the LR grids are tuned for that scale
-    train_source, train = labelled_features(model, data.train, extraction, pooling, normalized=False)
-    num_classes = len(train_source.classes) if train_source.classes else int(train.labels.max()) + 1
+    train_classes, train = labelled_features(model, data.train, extraction, pooling, normalized=False, label=settings.label)
+    num_classes = len(train_classes) if train_classes else int(train.labels.max()) + 1
     sets, fingerprints = {}, {"train": train.fingerprint["data"]}
     for name, path in {"val": data.val, **data.extra}.items():
-        source, features = labelled_features(model, path, extraction, pooling, normalized=False)
-        labels = train_label_space(data.train, train_source, train, path, source, features)
-        mask = class_mask(data.extra_classes[name], train_source.classes, num_classes) if name in data.extra_classes else None
+        classes, features = labelled_features(model, path, extraction, pooling, normalized=False, label=settings.label)
+        labels = train_label_space(data.train, train_classes, train, path, classes, features)
+        mask = class_mask(data.extra_classes[name], train_classes, num_classes) if name in data.extra_classes else None
         sets[name], fingerprints[name] = LabelledSet(features.features, labels, mask), features.fingerprint["data"]
     val = sets.pop("val")
     metrics = linear_probe(LabelledSet(train.features, train.labels), val, num_classes, settings, sets, model.device)
@@ -217,7 +248,7 @@ def linear_task(model: EvalModel, data: EvalData, settings: LinearSettings, extr
                  f"chosen LR {metrics['chosen_lr']:.3g} (best of {len(metrics['sweep'])})"))
     selection = (f"LR with the best top-1 on a stratified {settings.holdout:.0%} of train (seed {settings.seed}); "
                  "the probe is then retrained on all of train at that LR")
-    return TaskResult("linear", model.describe(), fingerprints,
+    return TaskResult(labelled_task("linear", settings.label), model.describe(), fingerprints,
                       {**dataclasses.asdict(settings), "selection": selection, "features": pooling.describe()},
                       metrics, ("set", "top-1 %", "top-5 %", ""), rows)
 
