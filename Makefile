@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo cli-docs clean-venv
+.PHONY: setup test demo teachers cli-docs clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ test: $(STAMP)
 # evaluation, results/demo/report.md. A second run reuses every finished step.
 demo: $(STAMP)
 	$(BIN)/distillery demo
+
+# The demo's two shipped teachers (teachers/, committed), retrained from their recipes (configs/teachers/)
+# on the demo's synth data, each with a provenance.json that the demo checks. Deterministic on a CPU.
+teachers: $(STAMP)
+	$(BIN)/distillery demo --train-teachers
 
 # docs/cli.md, the command reference, is generated from the typer app (a test checks it is current).
 cli-docs: $(STAMP)

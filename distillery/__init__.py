@@ -7,5 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distillery import _torchvision_ops  # noqa: E402,F401  (must run before anything imports torchvision or timm)
+from distillery.models import convstem  # noqa: E402,F401  (registers the convolutional-stem ViTs with timm)
 
 __version__ = "0.1.0"

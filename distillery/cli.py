@@ -318,12 +318,18 @@ def demo(
     config: Annotated[Path, typer.Option(help="What the demo trains and evaluates.")] = Path("configs/demo.yaml"),
     work: Annotated[Optional[Path], typer.Option(help="Data, runs, models, cache and evaluation (default: the config's).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Directory of report.md and its figures (default: the config's).")] = None,
+    train_teachers: Annotated[bool, typer.Option("--train-teachers", help="Only (re)train the shipped teachers from their recipes into their directories (`make teachers`).")] = False,
+    teacher: Annotated[Optional[list[str]], typer.Option(help="With --train-teachers: only this shipped teacher (repeat).")] = None,
 ) -> None:
     """The whole pipeline on the embedded data, ending in a report; a re-run reuses every finished step."""
     from rich.markdown import Markdown
 
-    from distillery.demo import DemoConfig, run_demo
+    from distillery.demo import DemoConfig, run_demo, train_shipped_teachers
 
+    if train_teachers:
+        for out in train_shipped_teachers(DemoConfig.load(config, work, report), tuple(teacher or ())):
+            console.print(f"shipped teacher written: {out}")
+        return
     path = run_demo(DemoConfig.load(config, work, report))
     stdout.print(Markdown(path.read_text().split("\n## Figures")[0]))
     console.print(f"report: {path}")
@@ -341,6 +347,7 @@ EvalFeaturesDir = Annotated[Optional[Path], typer.Option(help="Feature cache, re
 EvalBatchSize = Annotated[int, typer.Option(help="Images per forward.")]
 EvalWorkers = Annotated[int, typer.Option(help="Image decoding processes (0: in this process).")]
 EvalDevice = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
+EvalLabel = Annotated[Optional[str], typer.Option(help="What is predicted: class (the .cls labels), or a factor the shards record in factors.json (synth: shape, pattern, background, colour); results go to <task>-<label>.json.")]
 
 
 def _given(**options):
@@ -375,13 +382,13 @@ def eval_knn(
     val: Annotated[Path, typer.Option(help="Labelled images to classify (same classes as --train).")],
     k: Annotated[Optional[list[int]], typer.Option("--k", help="Neighbours (repeat; default 10, 20, 100, 200).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Vote weight exp(sim / T) (default 0.07).")] = None,
-    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    label: EvalLabel = None, out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
     workers: EvalWorkers = 2, device: EvalDevice = None,
 ) -> None:
     """Weighted kNN on L2-normalised CLS features (DINO's protocol): top-1 and top-5 for each k."""
     from distillery.evaluate.tasks import EvalData, KnnSettings
 
-    _eval_task("knn", model, EvalData(train=train, val=val), KnnSettings(**_given(ks=k, temperature=temperature)),
+    _eval_task("knn", model, EvalData(train=train, val=val), KnnSettings(**_given(ks=k, temperature=temperature, label=label)),
                out, features_dir, batch_size, workers, device)
 
 
@@ -399,7 +406,7 @@ def eval_linear(
     last_blocks: Annotated[Optional[int], typer.Option(help="Blocks for --pooling last_blocks (default 4).")] = None,
     extra: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: another labelled set to score (repeat).")] = None,
     extra_classes: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE.json: the classes an extra set holds (names or indices); other logits are ignored.")] = None,
-    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    label: EvalLabel = None, out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
     workers: EvalWorkers = 2, device: EvalDevice = None,
 ) -> None:
     """Linear probe with an LR sweep; the LR is chosen on held-out train, then the probe is retrained on all of train."""
@@ -408,7 +415,7 @@ def eval_linear(
     data = EvalData(train=train, val=val, extra={k: Path(v) for k, v in _named(extra, "--extra").items()},
                     extra_classes={k: Path(v) for k, v in _named(extra_classes, "--extra-classes").items()})
     settings = LinearSettings(**_given(grid=grid, epochs=epochs, batch_size=probe_batch_size, holdout=holdout, seed=seed,
-                                       pooling=pooling, last_blocks=last_blocks))
+                                       pooling=pooling, last_blocks=last_blocks, label=label))
     _eval_task("linear", model, data, settings, out, features_dir, batch_size, workers, device)
 
 
@@ -461,6 +468,31 @@ def _cka(task: str, specs, features, data, settings, out, features_dir, batch_si
                                     Extraction(batch_size, workers, features_dir), device, out, task)
     console.print(f"heatmap: {heatmap}")
     return result, path
+
+
+@eval_app.command("baselines")
+def eval_baselines(
+    train: Annotated[Optional[Path], typer.Option(help="Labelled train shards: the raw-pixel kNN bank.")] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Labelled shards the raw-pixel kNN classifies.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="What the kNN predicts: class, or a factor of factors.json (repeat; default class).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Retrieval set for the colour histogram: roxford5k, rparis6k or synth.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Directory with gnd_<dataset>.pkl and jpg/.")] = None,
+    size: Annotated[int, typer.Option(help="Side the images are resized to before their pixels are flattened.")] = 32,
+    bins: Annotated[int, typer.Option(help="Colour-histogram levels per RGB channel.")] = 4,
+    out: Annotated[Path, typer.Option(help="Results root: OUT/raw_pixels/knn[-label].json, OUT/colour_histogram/retrieval.json.")] = Path("results"),
+) -> None:
+    """Model-free floors: raw-pixel kNN (the weighted vote on L2-normalised pixels) and colour-histogram retrieval."""
+    from distillery.evaluate.baselines import run_baselines
+    from distillery.evaluate.results import show_result
+    from distillery.evaluate.tasks import EvalData, KnnSettings, RetrievalData
+
+    if (dataset is None) != (data_root is None):
+        raise DistilleryError("eval baselines: give --dataset and --data-root together")
+    data = EvalData(train=train, val=val, retrieval=RetrievalData(dataset, data_root) if dataset else None)
+    if (train is None) != (val is None):
+        raise DistilleryError("eval baselines: give --train and --val together")
+    for result, path in run_baselines(data, tuple(label or ("class",)), out, KnnSettings(), bins, size):
+        show_result(result, path)
 
 
 @eval_app.command("cka")

@@ -15,6 +15,9 @@ functions as the commands a user would type, so the demo is also a worked exampl
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +29,20 @@ from distillery.console import console
 from distillery.errors import DistilleryError
 
 
+PROVENANCE = "provenance.json"  # beside a shipped teacher's weights: how it was made
+
+
 @dataclass(frozen=True)
 class ModelRun:
-    """One model the demo trains: its method config, overrides of it, and whether DINO's EMA teacher is exported."""
+    """One model the demo trains: its method config, overrides of it, and whether DINO's EMA teacher is exported.
+    A `shipped` model is trained once by `make teachers` into that directory (committed) and read from there."""
 
     name: str
     config: str
     overrides: dict[str, Any] = field(default_factory=dict)
     ema: bool = False
+    shipped: str | None = None
+    expertise: str | None = None  # a teacher's: the label it knows (its students are scored on it)
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class DemoConfig:
     baselines: dict[str, str]  # name -> train config whose student is evaluated untrained
     evaluation: dict[str, Any]
     pca_images: int = 4
+    alone: ModelRun | None = None  # the students' architecture trained alone on labels, without teachers
 
     @classmethod
     def load(cls, path: str | Path, work: str | Path | None = None, report: str | Path | None = None) -> DemoConfig:
@@ -54,7 +64,7 @@ class DemoConfig:
         if not path.exists():
             raise DistilleryError(f"{path}: no such demo config")
         values = yaml.safe_load(path.read_text()) or {}
-        known = {"work", "report", "synth", "cache", "teachers", "students", "baselines", "eval", "pca_images"}
+        known = {"work", "report", "synth", "cache", "teachers", "students", "alone", "baselines", "eval", "pca_images"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise DistilleryError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
@@ -62,20 +72,29 @@ class DemoConfig:
                 for part in ("teachers", "students")}
         if not runs["teachers"] or not runs["students"]:
             raise DistilleryError(f"{path}: needs at least one entry under teachers: and under students:")
+        unknown_teachers = [f"{run.name}: {t}" for run in runs["students"]
+                            for t in run.overrides.get("cache_teachers") or () if t not in {r.name for r in runs["teachers"]}]
+        if unknown_teachers:
+            raise DistilleryError(f"{path}: student {unknown_teachers[0]} is not one of the teachers")
+        alone = values.get("alone")
         return cls(work=Path(work or values.get("work", "work/demo")), report=Path(report or values.get("report", "results/demo")),
                    synth=dict(values.get("synth") or {}), cache=dict(values.get("cache") or {}),
                    teachers=runs["teachers"], students=runs["students"],
                    baselines={str(k): str(v) for k, v in (values.get("baselines") or {}).items()}, evaluation=dict(values.get("eval") or {}),
-                   pca_images=int(values.get("pca_images", 4)))
+                   pca_images=int(values.get("pca_images", 4)),
+                   alone=_model_run(path, "alone", alone) if alone is not None else None)
 
 
 def _model_run(path: Path, name: str, entry: Any) -> ModelRun:
     if not isinstance(entry, dict) or "config" not in entry:
         raise DistilleryError(f"{path}: {name} needs a mapping with a config: key (a train config file)")
-    extra = sorted(set(entry) - {"config", "overrides", "ema"})
+    keys = ("config", "overrides", "ema", "shipped", "expertise")
+    extra = sorted(set(entry) - set(keys))
     if extra:
-        raise DistilleryError(f"{path}: {name}: unknown key {extra[0]!r} (config, overrides, ema)")
-    return ModelRun(name, str(entry["config"]), dict(entry.get("overrides") or {}), bool(entry.get("ema", False)))
+        raise DistilleryError(f"{path}: {name}: unknown key {extra[0]!r} ({', '.join(keys)})")
+    return ModelRun(name, str(entry["config"]), dict(entry.get("overrides") or {}), bool(entry.get("ema", False)),
+                    str(entry["shipped"]) if entry.get("shipped") else None,
+                    str(entry["expertise"]) if entry.get("expertise") else None)
 
 
 class Steps:
@@ -99,38 +118,154 @@ def run_demo(config: DemoConfig) -> Path:
     """Run (or finish) every step of the demo; returns the report's path."""
     from distillery.cache.store import CacheStore
     from distillery.cache.writer import CacheConfig, cache_teachers
-    from distillery.data.synth import SynthConfig, generate
-    from distillery.evaluate.report import write_report
-    from distillery.evaluate.suite import run_suite
+    from distillery.data.views import ViewConfig
+    from distillery.evaluate.report import suite_columns, write_report
+    from distillery.evaluate.suite import read_suite_config, run_suite
 
     steps = Steps()
     work = config.work
-    synth = work / "synth"
-    steps.run(f"synth data -> {synth}", synth.exists(), lambda: generate(SynthConfig(**config.synth), synth))
-
-    teachers = {run.name: _trained(steps, run, work, str(synth / "train"), {}) for run in config.teachers}
+    synth = _synth(steps, config)
+    teachers = {run.name: _shipped(run, synth) if run.shipped else _trained(steps, run, work, str(synth / "train"), {})
+                for run in config.teachers}
 
     store = work / "cache.zarr"
-    cache_config = CacheConfig(teachers=tuple(teachers.values()), **config.cache)
+    views = ViewConfig.from_dict(config.cache.get("view_config") or {})
+    cache_config = CacheConfig(teachers=tuple(teachers.values()), **{**config.cache, "view_config": views})
     complete = store.exists() and CacheStore.open(str(store)).is_complete
     steps.run(f"cache-teachers {', '.join(teachers)} -> {store}", complete,
               lambda: cache_teachers(str(synth / "train"), str(store), cache_config))
 
     students = {run.name: _trained(steps, run, work, str(synth / "train"), {"cache": str(store)})
                 for run in config.students}
+    alone = {config.alone.name: _trained(steps, config.alone, work, str(synth / "train"), {})} if config.alone else {}
 
     baselines = {name: _untrained(steps, name, train_config, work) for name, train_config in config.baselines.items()}
-    suite = _suite_config(config, synth, {**baselines, **teachers, **students})
+    suite = _suite_config(config, synth, {**baselines, **teachers, **students, **alone})
     suite_path = work / "suite.yaml"
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
     steps.run(f"evaluation suite -> {suite['out']}", False, lambda: run_suite(suite_path))
+    roles = _roles(config, read_suite_config(suite_path))
+    steps.run("model-free baselines and TinTeM's teacher heads", False, lambda: _analyses(config, synth, suite, roles))
 
-    runs = {run.name: work / "runs" / run.name for run in (*config.teachers, *config.students)}
+    trained = (*[r for r in config.teachers if not r.shipped], *config.students, *([config.alone] if config.alone else []))
+    runs = {run.name: work / "runs" / run.name for run in trained}
     report = steps.run(f"report -> {config.report}", False, lambda: write_report(
         suite_path, teachers=list(teachers), students=list(students), baselines=list(baselines), runs=runs, out=config.report,
-        pca_data=str(synth / "val"), pca_images=config.pca_images))
+        pca_data=str(synth / "val"), pca_images=config.pca_images, columns=suite_columns(read_suite_config(suite_path)),
+        roles=roles))
     console.print(f"demo finished in {time.perf_counter() - steps.start:.0f} s")
     return report
+
+
+def _synth(steps: Steps, config: DemoConfig) -> Path:
+    from distillery.data.synth import SynthConfig, generate
+
+    synth = config.work / "synth"
+    steps.run(f"synth data -> {synth}", synth.exists(), lambda: generate(SynthConfig(**config.synth), synth))
+    return synth
+
+
+def _synth_identity(synth: Path) -> dict[str, Any]:
+    """What a shipped teacher was trained on: the generator config recorded in synth.json and a hash of the
+    train shards' bytes (the same config gives other images when the generator changes)."""
+    digest = hashlib.sha256()
+    for tar in sorted((synth / "train").glob("*.tar")):
+        digest.update(tar.name.encode() + tar.read_bytes())
+    return {"config": json.loads((synth / "synth.json").read_text())["config"], "train_sha256": digest.hexdigest()}
+
+
+def train_shipped_teachers(config: DemoConfig, only: tuple[str, ...] = ()) -> list[Path]:
+    """`make teachers`: train each shipped teacher from its recipe, from scratch, on the demo's data, and write it
+    into its shipped directory with a provenance record (recipe, data, weights hash) that the demo checks."""
+    from distillery.evaluate.results import write_json
+    from distillery.models.teachers import create_teacher
+    from distillery.train.export import export_run
+    from distillery.train.loop import train
+
+    shipped = [r for r in config.teachers if r.shipped and (not only or r.name in only)]
+    unknown = sorted(set(only) - {r.name for r in shipped})
+    if unknown:
+        raise DistilleryError(f"{unknown[0]}: not a shipped teacher of this demo config")
+    steps = Steps()
+    synth = _synth(steps, config)
+    written = []
+    for run in shipped:
+        run_dir, out = config.work / "runs" / run.name, Path(run.shipped)
+        recipe = _with_overrides(run, config.work)
+
+        def train_and_export() -> None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # always the whole recipe from step 0: the result is its seed's
+            train({"data": str(synth / "train"), "out": str(run_dir)}, recipe)
+            shutil.rmtree(out, ignore_errors=True)
+            export_run(run_dir, out, ema=run.ema)
+
+        steps.run(f"train {run.name} ({run.config}) -> {out}", False, train_and_export)
+        write_json(out / PROVENANCE, {
+            "name": run.name, "recipe": run.config, "overrides": run.overrides,
+            "recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "synth": _synth_identity(synth),
+            "weights_sha256": create_teacher(f"local-dir:{out}").fingerprint()["weights_sha256"],
+            "made_by": "make teachers (distillery demo --train-teachers)"})
+        written.append(out)
+    return written
+
+
+def _shipped(run: ModelRun, synth: Path) -> str:
+    """The local-dir spec of a shipped teacher, after checking it is the one `make teachers` wrote for this data."""
+    from distillery.models.teachers import create_teacher
+
+    out = Path(run.shipped)
+    record_path = out / PROVENANCE
+    if not (out / "model.safetensors").exists() or not record_path.exists():
+        raise DistilleryError(f"{out}: shipped teacher {run.name} is missing; `make teachers` trains it")
+    record = json.loads(record_path.read_text())
+    if record.get("synth") != _synth_identity(synth):
+        raise DistilleryError(f"{record_path}: {run.name} was trained on other synth data than {synth} holds (config "
+                              "or train images differ); run `make teachers` for this data")
+    spec = f"local-dir:{out}"
+    if create_teacher(spec).fingerprint()["weights_sha256"] != record.get("weights_sha256"):
+        raise DistilleryError(f"{out}: weights differ from those recorded in {PROVENANCE}; run `make teachers`")
+    console.print(f"[green]shipped[/] teacher {run.name} ({spec}, trained by {record['recipe']})")
+    return spec
+
+
+def _roles(config: DemoConfig, suite: Any) -> Any:
+    """Who is who for the claims: each teacher's expertise, each student's method and teachers."""
+    from distillery.evaluate.claims import Roles
+    from distillery.evaluate.report import suite_columns
+    from distillery.train.config import read_yaml
+
+    teachers = {run.name: run.expertise for run in config.teachers}
+    missing = [name for name, label in teachers.items() if not label]
+    if missing:
+        raise DistilleryError(f"teacher {missing[0]} has no expertise: (the label its students are scored on)")
+    students = {run.name: (str(read_yaml(run.config).get("method")),
+                           tuple(run.overrides.get("cache_teachers") or teachers)) for run in config.students}
+    tasks = tuple(c.where for c in suite_columns(suite) if c.higher_is_better)
+    return Roles(teachers, students, tasks, config.alone.name if config.alone else None)
+
+
+def _analyses(config: DemoConfig, synth: Path, suite: dict[str, Any], roles: Any) -> None:
+    """The numbers the claims read beyond the suite's: raw-pixel kNN and colour-histogram retrieval, and the
+    kNN of each TinTeM run's teacher head (TinTeM Table 3)."""
+    from distillery.evaluate.baselines import run_baselines
+    from distillery.evaluate.features import Extraction, default_device
+    from distillery.evaluate.results import save_result
+    from distillery.evaluate.suite import features_dir
+    from distillery.evaluate.tasks import EvalData, EvalModel, KnnSettings, RetrievalData
+    from distillery.evaluate.teacher_head import teacher_head_knn
+
+    eval_dir = Path(suite["out"])
+    labels = tuple(dict.fromkeys(roles.teachers.values()))
+    data = EvalData(train=synth / "train", val=synth / "val", retrieval=RetrievalData("synth", synth / "retrieval"))
+    run_baselines(data, labels, eval_dir)
+    for student, (method, teachers) in roles.students.items():
+        if method != "tintem":
+            continue
+        models = [EvalModel.load(t, suite["models"][t], default_device()) for t in teachers]
+        extractions = [Extraction(cache_dir=features_dir(eval_dir, t), show_progress=False) for t in teachers]
+        for label in dict.fromkeys(roles.teachers[t] for t in teachers):
+            result = teacher_head_knn(config.work / "runs" / student, models, data, KnnSettings(label=label), extractions)
+            save_result(result, eval_dir / student / f"{result.task}.json")
 
 
 def _trained(steps: Steps, run: ModelRun, work: Path, data: str, extra: dict[str, Any]) -> str:

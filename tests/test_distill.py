@@ -1,7 +1,6 @@
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +58,7 @@ def test_teacher_dropping_keeps_the_worst_teacher_and_normalises_globally():
 
 def _context(teachers=(TeacherInfo("a", 12, (4, 4)), TeacherInfo("b", 20, (4, 4)))) -> MethodContext:
     return MethodContext(student_dim=48, student_grid=(4, 4), student_size=(32, 32), student_depth=2, teachers=teachers,
-                         num_classes=None, total_steps=10, steps_per_epoch=5, seed=0)
+                         label_classes={}, total_steps=10, steps_per_epoch=5, seed=0)
 
 
 def _fixed_batch():

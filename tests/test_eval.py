@@ -92,7 +92,7 @@ def test_eval_commands_write_their_results(tmp_path, synth_dir, teacher_specs, m
                               "--val", str(synth_dir / "val"), "--k", "5", "--workers", "0", "--device", "cpu",
                               "--out", "knn.json"])
     assert knn.exit_code == 0, knn.output
-    assert set(json.loads((tmp_path / "knn.json").read_text())["metrics"]) == {"k=5"}
+    assert set(json.loads((tmp_path / "knn.json").read_text())["metrics"]) == {"k=5", "predictions"}
     ood = runner.invoke(app, ["eval", "ood", "--model", teacher_specs[0], "--id-train", str(synth_dir / "train"),
                               "--id-test", str(synth_dir / "val"), "--ood", f"far={synth_dir / 'ood' / 'far'}",
                               "--workers", "0", "--device", "cpu", "--out", "ood.json"])
@@ -133,26 +133,76 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
 
     short = {"epochs": 1, "max_steps": 2, "batch_size": 32, "workers": 0}
     config = tmp_path / "demo.yaml"
+    shipped = tmp_path / "shipped" / "shape"
     config.write_text(yaml.safe_dump({
         "synth": {"train": 200, "val": 100, "ood_near": 50, "ood_far": 50, "landmarks": 2, "distractors": 8,
                   "shard_size": 100, "workers": 1},
-        "teachers": {"supervised": {"config": "configs/supervised_synth.yaml", "overrides": short},
-                     "dino": {"config": "configs/dino_synth.yaml", "overrides": {**short, "warmup_epochs": 0}, "ema": True}},
+        "teachers": {"shape": {"config": "configs/teachers/shape_cnn.yaml", "overrides": short, "expertise": "shape",
+                               "shipped": str(shipped)},
+                     "pattern": {"config": "configs/teachers/pattern_cnn.yaml", "overrides": short, "expertise": "pattern"}},
         "cache": {"views": 1, "batch_size": 64, "workers": 0},
         "students": {"unic": {"config": "configs/unic_synth.yaml", "overrides": short},
-                     "tintem_dino": {"config": "configs/tintem_synth.yaml", "overrides": {**short, "cache_teachers": ["dino"]}}},
-        "baselines": {"random": "configs/dino_synth.yaml"},
-        "eval": {"tasks": ["knn", "linear", "retrieval", "ood", "cka"], "settings": LIGHT_SETTINGS},
+                     "unic_shape": {"config": "configs/unic_synth.yaml", "overrides": {**short, "cache_teachers": ["shape"]}},
+                     "tintem_shape": {"config": "configs/tintem_synth.yaml", "overrides": {**short, "cache_teachers": ["shape"]}}},
+        "alone": {"config": "configs/supervised_synth.yaml", "overrides": {**short, "supervised": {"label": "shape"}}},
+        "baselines": {"random": "configs/unic_synth.yaml"},
+        "eval": {"tasks": ["knn:shape", "knn:pattern", "linear:shape", "retrieval", "ood", "cka"], "settings": LIGHT_SETTINGS},
         "pca_images": 2}))
     loaded = demo.DemoConfig.load(config, tmp_path / "work", tmp_path / "report")
+    with pytest.raises(DistilleryError, match="shipped teacher shape is missing; `make teachers` trains it"):
+        demo.run_demo(loaded)
+    assert demo.train_shipped_teachers(loaded) == [shipped]
     report = demo.run_demo(loaded)
     text = report.read_text()
-    for model in ("random", "supervised", "dino", "best teacher", "unic", "tintem_dino"):
+    for model in ("random", "shape", "pattern", "best teacher", "unic", "unic_shape", "tintem_shape", "alone (student alone)"):
         assert f"| {model} |" in text or f"| **{model}** |" in text
     for figure in ("losses.png", "metrics.png", "cka.png", "patch_pca.png"):
         assert (tmp_path / "report" / figure).exists() and f"({figure})" in text
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {f["baseline"] for f in saved["floors"]} == {"raw_pixels", "colour_histogram"}
+    rules = {c["rule"] for c in saved["claims"]}
+    assert {"student ≥ best teacher", "TinTeM > UNIC", "head ≥ teacher − 1 pt", "distilled ≥ alone"} <= rules
+    assert len(saved["inheritance"]) == 2 + 1 + 1 and all(c["verdict"] in text for c in saved["claims"])
 
     monkeypatch.setattr("distillery.train.loop.train", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("distillery.cache.writer.cache_teachers", lambda *a, **k: pytest.fail("cached again"))
     monkeypatch.setattr("distillery.evaluate.features._compute", lambda *a, **k: pytest.fail("features recomputed"))
     assert demo.run_demo(loaded).read_text() == text
+
+    record = json.loads((shipped / demo.PROVENANCE).read_text())
+    (shipped / demo.PROVENANCE).write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
+    with pytest.raises(DistilleryError, match="weights differ from those recorded"):
+        demo.run_demo(loaded)
+    (shipped / demo.PROVENANCE).write_text(json.dumps({**record, "synth": {**record["synth"], "train_sha256": "0"}}))
+    with pytest.raises(DistilleryError, match="was trained on other synth data"):
+        demo.run_demo(loaded)
+
+
+def test_any_factor_the_shards_record_can_be_the_label(tmp_path, synth_dir, teacher_specs):
+    """`knn:pattern` scores the pattern factor from the features the class kNN already extracted."""
+    path = _suite_file(tmp_path, synth_dir, teacher_specs, tasks=["knn", "knn:pattern", "linear:colour"])
+    run_suite(path, show_progress=False)
+    out = tmp_path / "eval" / "a"
+    by_class, by_pattern = (json.loads((out / f"{task}.json").read_text()) for task in ("knn", "knn-pattern"))
+    assert by_pattern["task"] == "knn-pattern" and by_pattern["settings"]["label"] == "pattern"
+    predictions = by_pattern["metrics"]["predictions"]["k=20"]
+    assert len(predictions) == 200 and set(predictions) <= {0, 1, 2, 3}  # four patterns
+    assert max(by_class["metrics"]["predictions"]["k=20"]) > 3  # ten shapes
+    assert json.loads((out / "linear-colour.json").read_text())["metrics"]["val"]["top1"] >= 0
+    with pytest.raises(DistilleryError, match="no label 'texture' here"):
+        run_suite(_suite_file(tmp_path, synth_dir, teacher_specs, tasks=["knn:texture"]), show_progress=False)
+    with pytest.raises(DistilleryError, match="only knn and linear take a :label"):
+        read_suite_config(_suite_file(tmp_path, synth_dir, teacher_specs, tasks=["ood:pattern"]))
+
+
+def test_model_free_baselines_score_pixels_and_colour_histograms(tmp_path, synth_dir):
+    result = CliRunner().invoke(app, ["eval", "baselines", "--train", str(synth_dir / "train"), "--val",
+                                      str(synth_dir / "val"), "--label", "class", "--label", "pattern",
+                                      "--dataset", "synth", "--data-root", str(synth_dir / "retrieval"),
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    pixels = json.loads((tmp_path / "raw_pixels" / "knn.json").read_text())["metrics"]
+    assert 0.1 < pixels["k=20"]["top1"] < 0.5  # above chance (10 shapes), far from solved
+    assert (tmp_path / "raw_pixels" / "knn-pattern.json").exists()
+    colour = json.loads((tmp_path / "colour_histogram" / "retrieval.json").read_text())["metrics"]
+    assert 0 < colour["hard"]["map"] <= colour["medium"]["map"] < 1

@@ -171,3 +171,40 @@ def test_bad_inputs_give_one_line_errors(tiny_synth, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     result = run("train", "--method", "nope", "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r3"))
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
+
+
+def test_a_convolutional_model_trains_on_a_factor_and_exports_as_a_teacher(tiny_synth, tmp_path):
+    """The demo's teachers: a timm ResNet supervised on the pattern factor (shape as an auxiliary label),
+    exported as a local-dir model whose feature-map positions are its patch tokens."""
+    from distillery.models.teachers import create_teacher
+
+    cnn = {"channels": [8, 16, 16, 16], "layers": [1, 1, 1, 1], "output_stride": 8,
+           "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}
+    config = _config(tiny_synth, tmp_path / "run", "supervised", student="resnet18", student_args=cnn, max_steps=4,
+                     method_config={**TINY_SUPERVISED, "label": "pattern", "aux_labels": {"shape": 0.5}})
+    Trainer(config, DistInfo()).fit()
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"ce", "ce_shape", "train_top1"} <= set(logged)
+    export_run(tmp_path / "run", tmp_path / "cnn")
+    teacher = create_teacher(f"local-dir:{tmp_path / 'cnn'}")
+    tokens = teacher(torch.zeros(2, 3, 32, 32))
+    assert teacher.grid == (4, 4) and tokens.cls.shape == (2, 16) and tokens.patch.shape == (2, 16, 16)
+    with pytest.raises(DistilleryError, match="label 'texture' needs shards"):
+        Trainer(_config(tiny_synth, tmp_path / "bad", "supervised",
+                        method_config={**TINY_SUPERVISED, "label": "texture"}), DistInfo())
+
+
+def test_the_convolutional_stem_vit_is_a_timm_model_that_round_trips_through_local_dir(tmp_path):
+    from distillery.models.students import export_local_dir, initial_student
+    from distillery.models.teachers import create_teacher
+
+    student = initial_student("vit_convstem_tiny_patch4_32", {}, seed=0)
+    assert student.grid == (8, 8) and student.is_vit and student.model.dynamic_img_size
+    assert isinstance(student.model.patch_embed.proj, torch.nn.Sequential)  # stride-2 convs, not one patchify conv
+    export_local_dir(student, tmp_path / "model")
+    teacher = create_teacher(f"local-dir:{tmp_path / 'model'}")
+    images = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(teacher(images).cls, student.eval()(images).cls)
+    with pytest.raises(ValueError, match="power-of-two patch size"):
+        timm.create_model("vit_convstem_tiny_patch4_32", patch_size=6)

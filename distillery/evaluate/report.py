@@ -11,6 +11,7 @@ TinTeM paper's Fig. 2).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ import numpy as np
 import yaml
 
 from distillery.errors import DistilleryError
+from distillery.evaluate.baselines import COLOUR_HISTOGRAM, RAW_PIXELS
+from distillery.evaluate.claims import Roles, all_claims, claims_markdown
 from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, knn_top1, ood_metric, read_metric, read_result,
                                         retrieval_map, write_json, write_text)
+from distillery.evaluate.suite import SuiteConfig, summary_columns
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,43 @@ COLUMNS = (
 )
 
 
+def suite_columns(suite: SuiteConfig) -> tuple[Column, ...]:
+    """The columns of a suite's summary (every task but CKA, labelled tasks included), FPR lower-is-better."""
+    return tuple(Column(title, where, higher_is_better="fpr" not in where.keys[-1])
+                 for task in suite.tasks if task != "cka" for title, where in summary_columns(task, suite))
+
+
 def comparison_rows(eval_dir: Path, teachers: list[str], students: list[str], baselines: tuple[str, ...] = (),
-                    columns: tuple[Column, ...] = COLUMNS) -> list[dict[str, Any]]:
-    """Rows of the table as percentages: baselines, teachers, the best teacher per column, students."""
-    values = {m: [100 * read_metric(eval_dir, m, c.where) for c in columns] for m in (*baselines, *teachers, *students)}
+                    columns: tuple[Column, ...] = COLUMNS, alone: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the table as percentages: baselines, teachers, the best teacher per column, students, and the
+    student trained alone."""
+    models = (*baselines, *teachers, *students, *([alone] if alone else []))
+    values = {m: [100 * read_metric(eval_dir, m, c.where) for c in columns] for m in models}
     best = [(max if c.higher_is_better else min)(values[t][i] for t in teachers) for i, c in enumerate(columns)]
     rows = [{"model": b, "role": "baseline", "values": values[b]} for b in baselines]
     rows += [{"model": t, "role": "teacher", "values": values[t]} for t in teachers]
     rows.append({"model": "best teacher", "role": "best teacher", "values": best})
     rows += [{"model": s, "role": "student", "values": values[s]} for s in students]
+    if alone:
+        rows.append({"model": f"{alone} (student alone)", "role": "student alone", "values": values[alone]})
     return rows
+
+
+# The model-free floor each kind of column is held against (evaluate/baselines.py writes them).
+FLOORS = {"knn": RAW_PIXELS, "retrieval": COLOUR_HISTOGRAM}
+
+
+def floor_rows(eval_dir: Path, rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> list[dict[str, Any]]:
+    """For every kNN and retrieval column: the model-free baseline's number beside the best teacher's."""
+    best = next(r for r in rows if r["role"] == "best teacher")["values"]
+    out = []
+    for i, column in enumerate(columns):
+        floor = FLOORS.get(column.where.task.split("-")[0])
+        if floor is not None:
+            value = 100 * read_metric(eval_dir, floor, column.where)
+            out.append({"baseline": floor, "column": column.title, "value": value, "best_teacher": best[i],
+                        "below_best_teacher": value < best[i]})
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: tuple[Column, ...] = COLUMNS) -> str:
@@ -65,21 +96,33 @@ def markdown_table(rows: list[dict[str, Any]], columns: tuple[Column, ...] = COL
     return "\n".join(lines)
 
 
+def floors_markdown(floors: list[dict[str, Any]]) -> str:
+    lines = ["| baseline | on | baseline % | best teacher % | below the best teacher |", "|---|---|---:|---:|---|"]
+    lines += [f"| {f['baseline']} | {f['column']} | {f['value']:.1f} | {f['best_teacher']:.1f} | "
+              f"{'yes' if f['below_best_teacher'] else '**no**'} |" for f in floors]
+    return "\n".join(lines)
+
+
 def write_report(suite_config: str | Path, teachers: list[str], students: list[str], runs: dict[str, Path],
-                 out: str | Path, pca_data: str | None = None, pca_images: int = 4, baselines: tuple[str, ...] = ()) -> Path:
-    """Write OUT/report.md, OUT/report.json and the PNG figures; returns the report's path."""
+                 out: str | Path, pca_data: str | None = None, pca_images: int = 4, baselines: tuple[str, ...] = (),
+                 columns: tuple[Column, ...] = COLUMNS, roles: Roles | None = None) -> Path:
+    """Write OUT/report.md, OUT/report.json and the PNG figures; returns the report's path. With `roles`, the
+    report also holds the model-free floors, the teachers' checks, what each student inherited, the student
+    trained alone and the papers' claims, each verdict computed from the result files (evaluate/claims.py)."""
     suite = yaml.safe_load(Path(suite_config).read_text())
     eval_dir = Path(suite["out"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = comparison_rows(eval_dir, teachers, students, tuple(baselines))
+    alone = roles.alone if roles else None
+    rows = comparison_rows(eval_dir, teachers, students, tuple(baselines), columns, alone)
     cka_path = eval_dir / "cka.json"
     cka = read_result(cka_path).get("metrics") or {}
     if not {"names", "linear", "debiased"} <= set(cka):
         raise DistilleryError(f"{cka_path}: no metrics/names, linear and debiased; rerun the suite's cka task")
     names, matrix = cka["names"], np.asarray(cka["linear"], dtype=np.float64)
     debiased = np.asarray(cka["debiased"], dtype=np.float64)
-    missing = [m for m in (*baselines, *teachers, *students) if m not in names]
+    models = (*baselines, *teachers, *students, *([alone] if alone else []))
+    missing = [m for m in models if m not in names]
     if missing:
         raise DistilleryError(f"{cka_path}: holds no CKA for {', '.join(missing)}; rerun the suite's cka task")
     if len(teachers) < 2:
@@ -88,27 +131,36 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
              for i, a in enumerate(teachers) for b in teachers[i + 1:]]
 
     figures = {"training losses": plot_losses(runs, out / "losses.png"),
-               "metrics": plot_metrics(rows, out / "metrics.png"),
+               "metrics": plot_metrics(rows, out / "metrics.png", columns),
                "CKA between models": _cka_figure(names, matrix, out / "cka.png")}
     if pca_data:
         figures["patch features, first 3 principal components as RGB"] = plot_patch_pca(
-            {m: suite["models"][m] for m in (*baselines, *teachers, *students)}, pca_data, pca_images, out / "patch_pca.png")
+            {m: suite["models"][m] for m in models}, pca_data, pca_images, out / "patch_pca.png")
 
     lines = ["# distillery demo report", "",
              f"Evaluation: `{suite_config}` (results in `{eval_dir}`). Percentages; ↓ lower is better. "
              "kNN: weighted vote exp(sim/0.07); linear: LR chosen on held-out train; retrieval: revisited "
              "Medium/Hard mAP on the synth landmarks; OOD: −distance to the k-th ID-train neighbour, "
              "FPR@95 at 95% of ID kept.", "",
-             markdown_table(rows), "", "## Teachers' CKA (on the validation set)", "",
+             markdown_table(rows, columns), "", "## Teachers' CKA (on the validation set)", "",
              "| teacher pair | linear CKA | debiased CKA |", "|---|---:|---:|"]
     lines += [f"| {a} – {b} | {c:.3f} | {d:.3f} |" for a, b, c, d in pairs]
+    saved: dict[str, Any] = {"columns": [c.title for c in columns], "rows": rows,
+                             "teacher_cka": [{"pair": [a, b], "linear": c, "debiased": d} for a, b, c, d in pairs]}
+    if roles is not None:
+        floors = floor_rows(eval_dir, rows, columns)
+        sections = all_claims(eval_dir, roles)
+        lines += ["", "## Model-free baselines", "", floors_markdown(floors),
+                  "", "## Teachers: strong and different", "", claims_markdown(sections["teachers"]),
+                  "", "## What the students inherit", "", claims_markdown(sections["inheritance"]),
+                  "", "## The papers' claims at this scale", "", claims_markdown(sections["claims"])]
+        saved["floors"] = floors
+        saved.update({name: [dataclasses.asdict(c) | {"verdict": c.verdict} for c in claims]
+                      for name, claims in sections.items()})
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures.items()]
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n")
-    write_json(out / "report.json", {
-        "columns": [c.title for c in COLUMNS], "rows": rows,
-        "teacher_cka": [{"pair": [a, b], "linear": c, "debiased": d} for a, b, c, d in pairs],
-        "figures": {t: p.name for t, p in figures.items()}})
+    write_json(out / "report.json", {**saved, "figures": {t: p.name for t, p in figures.items()}})
     return report
 
 
@@ -144,14 +196,14 @@ def plot_losses(runs: dict[str, Path], path: Path) -> Path:
     return path
 
 
-def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot_metrics(rows: list[dict[str, Any]], path: Path, columns: tuple[Column, ...] = COLUMNS) -> Path:
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(rows)
-    positions = np.arange(len(COLUMNS))
+    positions = np.arange(len(columns))
     for i, row in enumerate(rows):
         ax.bar(positions + i * width, row["values"], width, label=row["model"])
-    ax.set_xticks(positions + 0.4 - width / 2, [c.title for c in COLUMNS], rotation=20, ha="right")
+    ax.set_xticks(positions + 0.4 - width / 2, [c.title for c in columns], rotation=20, ha="right")
     ax.set_ylabel("%")
     ax.legend(fontsize=8, ncol=2)
     figure.tight_layout()

@@ -224,7 +224,7 @@ def _plan_training(plan: ExperimentPlan) -> tuple[ModelGeometry, float] | None:
         context = MethodContext(
             student_dim=student.embed_dim, student_grid=student.grid, student_size=student.preprocessing.input_size,
             student_depth=student.depth, teachers=tuple(infos[n] for n in (config.cache_teachers or infos)),
-            num_classes=None, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, seed=config.seed)
+            label_classes={}, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, seed=config.seed)
         try:
             sample = create_method(config.method, config.method_config, context).sample_spec()
         except DistilleryError:

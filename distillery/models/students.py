@@ -20,6 +20,7 @@ from torch import nn
 from distillery.errors import DistilleryError
 from distillery.models.teachers import Preprocessing
 
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "distillery.models.convstem")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -31,7 +32,13 @@ class StudentOutput(NamedTuple):
 
 
 class Student(nn.Module):
-    """A trainable ViT with its creation arguments, so it can be rebuilt from a checkpoint or exported."""
+    """A trainable timm model with its creation arguments, so it can be rebuilt from a checkpoint or exported.
+
+    The distillation students are ViTs (CLS token, patch tokens, per-block tokens for ladder heads). A
+    convolutional model is accepted too, for label-trained teachers: its pooled features stand for the CLS
+    token and its feature-map positions for the patch tokens, as `Teacher` reads them. Its input size comes
+    from its pretrained_cfg (set it with `pretrained_cfg_overlay: {input_size: [3, H, W]}`).
+    """
 
     def __init__(self, arch: str, model_args: dict[str, Any] | None = None,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
@@ -41,21 +48,38 @@ class Student(nn.Module):
             self.model = timm.create_model(arch, pretrained=False, num_classes=0, **self.model_args)
         except (RuntimeError, TypeError) as error:
             raise DistilleryError(f"student {arch!r} with {self.model_args}: {error}") from error
-        if not isinstance(self.model, VisionTransformer):
-            raise DistilleryError(f"student {arch!r} is a {type(self.model).__name__}; students must be timm ViTs")
-        if self.model.cls_token is None:
-            raise DistilleryError(f"student {arch!r} has no class token (set class_token=True)")
-        self.embed_dim = self.model.embed_dim
-        self.num_prefix_tokens = self.model.num_prefix_tokens
-        self.grid = tuple(self.model.patch_embed.grid_size)
-        height, width = self.model.patch_embed.img_size
-        self.preprocessing = Preprocessing((height, width), tuple(mean), tuple(std), "bicubic", 0.875)
+        self.is_vit = isinstance(self.model, VisionTransformer)
+        self.embed_dim = int(self.model.num_features)
+        if self.is_vit:
+            if self.model.cls_token is None:
+                raise DistilleryError(f"student {arch!r} has no class token (set class_token=True)")
+            self.num_prefix_tokens = self.model.num_prefix_tokens
+            self.grid = tuple(self.model.patch_embed.grid_size)
+            height, width = self.model.patch_embed.img_size
+        else:
+            _, height, width = self.model.pretrained_cfg.get("input_size", (3, 224, 224))
+            self.num_prefix_tokens = 0
+            with torch.no_grad():
+                features = self.model.eval().forward_features(torch.zeros(1, 3, height, width))
+            self.model.train()
+            if features.ndim != 4:
+                raise DistilleryError(f"student {arch!r} is a {type(self.model).__name__}, neither a timm ViT nor "
+                                      "a model with a convolutional feature map")
+            self.grid = tuple(features.shape[-2:])
+        self.preprocessing = Preprocessing((int(height), int(width)), tuple(mean), tuple(std), "bicubic", 0.875)
 
     @property
     def depth(self) -> int:
-        return len(self.model.blocks)
+        """The number of transformer blocks (0 for a convolutional model, which has no per-block tokens)."""
+        return len(self.model.blocks) if self.is_vit else 0
 
     def forward(self, images: torch.Tensor, return_blocks: bool = False) -> StudentOutput:
+        if not self.is_vit:
+            if return_blocks:
+                raise DistilleryError(f"per-block tokens (ladder heads) need a ViT student, not {self.arch}")
+            features = self.model.forward_features(images)
+            return StudentOutput(self.model.forward_head(features, pre_logits=True), features.flatten(2).transpose(1, 2),
+                                 None)
         if not return_blocks:
             tokens = self.model.forward_features(images)
             return StudentOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens:], None)
@@ -65,7 +89,8 @@ class Student(nn.Module):
         return StudentOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens:], blocks)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"model.{name}" for name in self.model.no_weight_decay()}
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{name}" for name in names}
 
     def config(self) -> dict[str, Any]:
         return {"arch": self.arch, "model_args": self.model_args, "mean": list(self.preprocessing.mean),
@@ -84,7 +109,9 @@ def create_student(arch: str, **overrides: Any) -> Student:
 def initial_student(arch: str, model_args: dict[str, Any], seed: int) -> Student:
     """The student a run with this seed starts from (seeds the global RNG, as the trainer's init relies on)."""
     torch.manual_seed(seed)
-    return Student(arch, {"dynamic_img_size": True, **model_args})
+    # ViTs take any input size (local crops, retrieval images); other families have no such argument.
+    vit = timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ in VIT_MODULES
+    return Student(arch, {"dynamic_img_size": True, **model_args} if vit else dict(model_args))
 
 
 def export_local_dir(student: Student, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None,

@@ -51,7 +51,7 @@ class SampleSpec:
     teacher_view: bool = False  # batch["student"] = the cached/online teacher view at the student's size
     random_view: ViewConfig | None = None  # batch["student"] = a fresh random view
     crops: tuple[CropSpec, ...] = ()  # batch["crops/<name>"]
-    labels: bool = False
+    labels: tuple[str, ...] = ()  # batch["labels/<name>"] for each: the class, or a factor of factors.json
 
     def __post_init__(self) -> None:
         if self.teacher_view and self.random_view is not None:
@@ -163,10 +163,11 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _sample(self, record, image, epoch: int, view: int | None, block: dict | None, position: int) -> dict[str, Any]:
         sample: dict[str, Any] = {"index": record.index}
-        if self.spec.labels:
-            if record.label is None:
-                raise DistilleryError(f"{record.shard}:{record.key} has no label, and this method needs labels")
-            sample["label"] = record.label
+        for name in self.spec.labels:
+            label = self.shard_set.label_of(record, name)
+            if label is None:
+                raise DistilleryError(f"{record.shard}:{record.key} has no {name} label, and this method needs it")
+            sample[f"labels/{name}"] = label
         if self.spec.teacher_view:
             tv = self.teacher_views
             params = (block["views"][position, view] if block is not None

@@ -158,7 +158,7 @@ class Trainer:
         context = MethodContext(
             student_dim=self.student.embed_dim, student_grid=self.student.grid,
             student_size=self.student.preprocessing.input_size, student_depth=self.student.depth,
-            teachers=self.teachers.infos, num_classes=len(shard_set.classes) if shard_set.classes else None,
+            teachers=self.teachers.infos, label_classes=shard_set.label_sizes(),
             total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, seed=config.seed)
         self.method = create_method(config.method, config.method_config, context)
         self.module = TrainModule(self.student, self.method).to(device)

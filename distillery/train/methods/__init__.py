@@ -49,7 +49,7 @@ class MethodContext:
     student_size: tuple[int, int]
     student_depth: int
     teachers: tuple[TeacherInfo, ...]
-    num_classes: int | None
+    label_classes: dict[str, int]  # label (class, or a factor of factors.json) -> how many values it takes
     total_steps: int
     steps_per_epoch: int
     seed: int
@@ -60,7 +60,6 @@ class Method(nn.Module, abc.ABC):
     config_class: ClassVar[type]
     uses_teachers: ClassVar[bool] = False
     standardize_targets: ClassVar[bool] = False
-    needs_labels: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: MethodContext):
         super().__init__()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillery.errors import DistilleryError
 from distillery.train.data import SampleSpec
 from distillery.train.distributed import all_gather_with_grad
 from distillery.train.methods import Method, MethodContext, register_method
@@ -87,6 +88,18 @@ class TeacherHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(x))
+
+
+def teacher_head_from_state(state: dict, where: str) -> TeacherHead:
+    """The teacher head of a TinTeM checkpoint (`state`, as `checkpoint.load_checkpoint` returns it)."""
+    if state.get("config", {}).get("method") != "tintem":
+        raise DistilleryError(f"{where}: not a tintem run (method {state.get('config', {}).get('method')!r}); only "
+                              "TinTeM has a teacher head")
+    prefix = "method.head."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    head = TeacherHead(weights["norm.weight"].shape[0], weights["linear.weight"].shape[0])
+    head.load_state_dict(weights)
+    return head.eval().requires_grad_(False)
 
 
 def combine_teachers(tokens: list[torch.Tensor]) -> torch.Tensor:
