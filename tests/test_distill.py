@@ -214,3 +214,35 @@ def test_a_subset_of_the_cached_teachers_can_be_chosen(tiny_synth, tiny_cache, t
     with pytest.raises(CacheError, match="has no teacher teacher_c; it holds teacher_a, teacher_b"):
         Trainer(_config(tiny_synth, tmp_path / "bad", "tintem", cache=str(tiny_cache), cache_teachers=["teacher_c"]),
                 DistInfo())
+
+
+@pytest.fixture(scope="module")
+def tiny_int8_cache(tmp_path_factory, tiny_synth, teacher_specs):
+    from distillery.cache.writer import CacheConfig, cache_teachers
+
+    out = tmp_path_factory.mktemp("tiny_int8") / "store.zarr"
+    cache_teachers(str(tiny_synth / "train"), str(out), CacheConfig(tuple(teacher_specs), views=2, workers=0, dtype="int8"),
+                   show_progress=False)
+    return out
+
+
+@pytest.mark.parametrize("method", ["unic", "sefa", "tintem"])
+def test_an_int8_store_gives_the_float16_targets_within_quantisation(tiny_synth, tiny_cache, tiny_int8_cache, tmp_path,
+                                                                     method):
+    """The per-sample int8 scales are one number per row: CLS targets must stay [B, D], not broadcast to [B, B, D]."""
+    trainers = [Trainer(_config(tiny_synth, tmp_path / name, method, cache=str(store)), DistInfo())
+                for name, store in (("f16", tiny_cache), ("i8", tiny_int8_cache))]
+    batches = [next(iter(t.loader)) for t in trainers]
+    targets = [t.teachers.targets(b) for t, b in zip(trainers, batches)]
+    stats = trainers[0].teachers.targets.stats  # the same dataset statistics in both stores
+    for name in ("teacher_a", "teacher_b"):
+        (f16, i8) = (t[name] for t in targets)
+        assert i8.cls.shape == f16.cls.shape == (32, f16.cls.shape[-1])
+        # one int8 step of the row's scale (standardised like the targets), plus float16 rounding
+        cls_step = batches[1][f"targets/{name}/cls_scale"].float()[:, None]
+        patch_step = batches[1][f"targets/{name}/patch_scale"].float().amax(-1)[:, None, None]  # resizing mixes tokens
+        cls_std, patch_std = (stats[name].cls_std, stats[name].patch_std) if stats else (1.0, 1.0)
+        assert ((i8.cls - f16.cls).abs() <= cls_step / cls_std + 2e-3 * f16.cls.abs() + 1e-3).all()
+        assert ((i8.patch - f16.patch).abs() <= patch_step / patch_std + 2e-3 * f16.patch.abs() + 1e-3).all()
+    losses = [t.train_step(b, 0)["loss"].item() for t, b in zip(trainers, batches)]
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)

@@ -178,7 +178,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             if block is not None:
                 for key, values in block.items():
                     if "/" in key:
-                        sample[f"targets/{key}"] = torch.from_numpy(np.ascontiguousarray(values[position]))
+                        # np.array, not ascontiguousarray: that makes a 0-d per-sample scale 1-d, which collates to [B, 1]
+                        sample[f"targets/{key}"] = torch.from_numpy(np.array(values[position]))
         elif self.spec.random_view is not None:
             rng = counter_rng(self.seed, record.index, STREAM_RANDOM_VIEW, epoch)
             sample["student"] = replay(image, sample_view(rng, self.spec.random_view, image.height, image.width),
