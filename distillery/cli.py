@@ -169,7 +169,7 @@ def train(
     data: Annotated[Optional[str], typer.Option(help="Training shard directory.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory (config.yaml, metrics.jsonl, checkpoints/).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML whose keys mirror these options; the command line wins.")] = None,
-    student: Annotated[Optional[str], typer.Option(help="timm ViT architecture (vit_tiny_patch16_224, vit_small_patch16_224, ...).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="timm architecture: a ViT for distillation (vit_small_patch16_224, vit_convstem_tiny_patch4_32, ...), any timm model for supervised.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs; the LR and other schedules span them.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (schedules still span --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size, split over ranks.")] = None,
