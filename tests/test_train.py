@@ -208,3 +208,34 @@ def test_the_convolutional_stem_vit_is_a_timm_model_that_round_trips_through_loc
         assert torch.equal(teacher(images).cls, student.eval()(images).cls)
     with pytest.raises(ValueError, match="power-of-two patch size"):
         timm.create_model("vit_convstem_tiny_patch4_32", patch_size=6)
+
+
+def test_per_parameter_clipping_is_dinos_clip_gradients():
+    """DINO (utils.clip_gradients) clips each parameter's gradient to the norm on its own, not the global norm."""
+    from distillery.train.loop import clip_per_parameter
+
+    def dino_clip_gradients(model, clip):  # facebookresearch/dino utils.py, as published
+        for p in model.parameters():
+            if p.grad is not None:
+                param_norm = p.grad.data.norm(2)
+                clip_coef = clip / (param_norm + 1e-6)
+                if clip_coef < 1:
+                    p.grad.data.mul_(clip_coef)
+
+    def model_with_grads():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        for p, scale in zip(model.parameters(), (50.0, 0.01, 0.5, 2.0)):
+            p.grad = torch.full_like(p, scale)
+        return model
+
+    reference, ours, global_ = model_with_grads(), model_with_grads(), model_with_grads()
+    dino_clip_gradients(reference, 3.0)
+    clip_per_parameter(ours.parameters(), 3.0)
+    torch.nn.utils.clip_grad_norm_(global_.parameters(), 3.0)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    grads = [p.grad for p in ours.parameters()]
+    assert grads[0].norm() == pytest.approx(3.0, rel=1e-5) and torch.equal(grads[1], torch.full((4,), 0.01))
+    assert not torch.equal(list(global_.parameters())[1].grad, grads[1])  # the global rule shrinks the small one too
+    with pytest.raises(DistilleryError, match="clip_mode must be"):
+        TrainConfig(method="dino", data="d", out="o", clip_mode="norm")

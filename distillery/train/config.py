@@ -36,7 +36,9 @@ class TrainConfig:
     warmup_epochs: float = 10
     weight_decay: float = 0.04
     weight_decay_end: float | None = None  # cosine schedule to this value (DINO: 0.04 -> 0.4); None = constant
-    clip_grad: float = 3.0  # max global gradient norm; 0 turns clipping off
+    clip_grad: float = 3.0  # max gradient norm; 0 turns clipping off
+    clip_mode: str = "global"  # global: the norm of all gradients (torch clip_grad_norm_); per_parameter: each
+    # parameter's gradient on its own, as DINO's utils.clip_gradients does
     betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
     workers: int = 2
@@ -56,6 +58,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be positive")
+        if self.clip_mode not in ("global", "per_parameter"):
+            raise ConfigError(f"clip_mode must be 'global' or 'per_parameter', got {self.clip_mode!r}")
         if self.lr_scaling not in ("linear", "none"):
             raise ConfigError(f"lr_scaling must be 'linear' or 'none', got {self.lr_scaling!r}")
         if self.cache and self.teachers:
