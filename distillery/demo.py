@@ -125,7 +125,8 @@ def run_demo(config: DemoConfig) -> Path:
     steps = Steps()
     work = config.work
     synth = _synth(steps, config)
-    teachers = {run.name: _shipped(run, synth) if run.shipped else _trained(steps, run, work, str(synth / "train"), {})
+    identity = _synth_identity(synth) if any(run.shipped for run in config.teachers) else None
+    teachers = {run.name: _shipped(run, identity) if run.shipped else _trained(steps, run, work, str(synth / "train"), {})
                 for run in config.teachers}
 
     store = work / "cache.zarr"
@@ -144,15 +145,15 @@ def run_demo(config: DemoConfig) -> Path:
     suite_path = work / "suite.yaml"
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
     steps.run(f"evaluation suite -> {suite['out']}", False, lambda: run_suite(suite_path))
-    roles = _roles(config, read_suite_config(suite_path))
+    columns = suite_columns(read_suite_config(suite_path))
+    roles = _roles(config, columns)
     steps.run("model-free baselines and TinTeM's teacher heads", False, lambda: _analyses(config, synth, suite, roles))
 
     trained = (*[r for r in config.teachers if not r.shipped], *config.students, *([config.alone] if config.alone else []))
     runs = {run.name: work / "runs" / run.name for run in trained}
     report = steps.run(f"report -> {config.report}", False, lambda: write_report(
         suite_path, teachers=list(teachers), students=list(students), baselines=list(baselines), runs=runs, out=config.report,
-        pca_data=str(synth / "val"), pca_images=config.pca_images, columns=suite_columns(read_suite_config(suite_path)),
-        roles=roles))
+        pca_data=str(synth / "val"), pca_images=config.pca_images, columns=columns, roles=roles))
     console.print(f"demo finished in {time.perf_counter() - steps.start:.0f} s")
     return report
 
@@ -188,6 +189,7 @@ def train_shipped_teachers(config: DemoConfig, only: tuple[str, ...] = ()) -> li
         raise DistilleryError(f"{unknown[0]}: not a shipped teacher of this demo config")
     steps = Steps()
     synth = _synth(steps, config)
+    identity = _synth_identity(synth)
     written = []
     for run in shipped:
         run_dir, out = config.work / "runs" / run.name, Path(run.shipped)
@@ -202,15 +204,16 @@ def train_shipped_teachers(config: DemoConfig, only: tuple[str, ...] = ()) -> li
         steps.run(f"train {run.name} ({run.config}) -> {out}", False, train_and_export)
         write_json(out / PROVENANCE, {
             "name": run.name, "recipe": run.config, "overrides": run.overrides,
-            "recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "synth": _synth_identity(synth),
+            "recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "synth": identity,
             "weights_sha256": create_teacher(f"local-dir:{out}").fingerprint()["weights_sha256"],
             "made_by": "make teachers (distillery demo --train-teachers)"})
         written.append(out)
     return written
 
 
-def _shipped(run: ModelRun, synth: Path) -> str:
-    """The local-dir spec of a shipped teacher, after checking it is the one `make teachers` wrote for this data."""
+def _shipped(run: ModelRun, identity: dict[str, Any]) -> str:
+    """The local-dir spec of a shipped teacher, after checking it is the one `make teachers` wrote for the data
+    of this `identity` (`_synth_identity`)."""
     from distillery.models.teachers import create_teacher
 
     out = Path(run.shipped)
@@ -218,8 +221,8 @@ def _shipped(run: ModelRun, synth: Path) -> str:
     if not (out / "model.safetensors").exists() or not record_path.exists():
         raise DistilleryError(f"{out}: shipped teacher {run.name} is missing; `make teachers` trains it")
     record = json.loads(record_path.read_text())
-    if record.get("synth") != _synth_identity(synth):
-        raise DistilleryError(f"{record_path}: {run.name} was trained on other synth data than {synth} holds (config "
+    if record.get("synth") != identity:
+        raise DistilleryError(f"{record_path}: {run.name} was trained on other synth data than this demo's (config "
                               "or train images differ); run `make teachers` for this data")
     spec = f"local-dir:{out}"
     if create_teacher(spec).fingerprint()["weights_sha256"] != record.get("weights_sha256"):
@@ -228,10 +231,10 @@ def _shipped(run: ModelRun, synth: Path) -> str:
     return spec
 
 
-def _roles(config: DemoConfig, suite: Any) -> Any:
-    """Who is who for the claims: each teacher's expertise, each student's method and teachers."""
+def _roles(config: DemoConfig, columns: tuple) -> Any:
+    """Who is who for the claims: each teacher's expertise, each student's method and teachers, and the report's
+    higher-is-better columns as the tasks of the mean over tasks."""
     from distillery.evaluate.claims import Roles
-    from distillery.evaluate.report import suite_columns
     from distillery.train.config import read_yaml
 
     teachers = {run.name: run.expertise for run in config.teachers}
@@ -240,7 +243,7 @@ def _roles(config: DemoConfig, suite: Any) -> Any:
         raise DistilleryError(f"teacher {missing[0]} has no expertise: (the label its students are scored on)")
     students = {run.name: (str(read_yaml(run.config).get("method")),
                            tuple(run.overrides.get("cache_teachers") or teachers)) for run in config.students}
-    tasks = tuple(c.where for c in suite_columns(suite) if c.higher_is_better)
+    tasks = tuple(c.where for c in columns if c.higher_is_better)
     return Roles(teachers, students, tasks, config.alone.name if config.alone else None)
 
 
@@ -249,7 +252,7 @@ def _analyses(config: DemoConfig, synth: Path, suite: dict[str, Any], roles: Any
     kNN of each TinTeM run's teacher head (TinTeM Table 3)."""
     from distillery.evaluate.baselines import run_baselines
     from distillery.evaluate.features import Extraction, default_device
-    from distillery.evaluate.results import save_result
+    from distillery.evaluate.results import default_path, save_result
     from distillery.evaluate.suite import features_dir
     from distillery.evaluate.tasks import EvalData, EvalModel, KnnSettings, RetrievalData
     from distillery.evaluate.teacher_head import teacher_head_knn
@@ -265,7 +268,7 @@ def _analyses(config: DemoConfig, synth: Path, suite: dict[str, Any], roles: Any
         extractions = [Extraction(cache_dir=features_dir(eval_dir, t), show_progress=False) for t in teachers]
         for label in dict.fromkeys(roles.teachers[t] for t in teachers):
             result = teacher_head_knn(config.work / "runs" / student, models, data, KnnSettings(label=label), extractions)
-            save_result(result, eval_dir / student / f"{result.task}.json")
+            save_result(result, default_path(student, result.task, eval_dir))
 
 
 def _trained(steps: Steps, run: ModelRun, work: Path, data: str, extra: dict[str, Any]) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 
 from distillery.errors import DistilleryError
 from distillery.evaluate.knn import prediction_agreement
-from distillery.evaluate.results import MetricPath, default_path, knn_top1, ood_metric, read_metric, read_result
+from distillery.evaluate.results import (MetricPath, default_path, knn_top1, ood_metric, read_metric, read_result,
+                                        teacher_head_top1)
 
 K = 20  # the kNN every claim reads (DINO's and the papers' headline k)
 INHERITANCE = 0.8  # a student inherits a teacher's expertise when it reaches 0.8x the teacher's kNN on it
@@ -109,12 +110,12 @@ def _claim(source: str, statement: str, numbers: dict[str, float], rule: str,
 def teacher_checks(results: Results, roles: Roles) -> list[Claim]:
     """The world's premise: every teacher is strong on its expertise, and each pair of teachers differs."""
     checks = [_claim("embedded world", f"{t} is strong on {label}", {f"{t} kNN {label}": results.knn(t, label)},
-                     f"kNN ≥ {STRONG_TEACHER:.0%}", lambda n: next(iter(n.values())) >= STRONG_TEACHER)
+                     f"kNN ≥ {STRONG_TEACHER:.0%}", lambda n: _first(n) >= STRONG_TEACHER)
               for t, label in roles.teachers.items()]
     names = list(roles.teachers)
     low, high = CKA_RANGE
     checks += [_claim("embedded world", f"{a} and {b} differ", {f"CKA {a}–{b}": results.cka(a, b)},
-                      f"{low} ≤ linear CKA ≤ {high}", lambda n: low <= next(iter(n.values())) <= high, unit="")
+                      f"{low} ≤ linear CKA ≤ {high}", lambda n: low <= _first(n) <= high, unit="")
                for i, a in enumerate(names) for b in names[i + 1:]]
     return checks
 
@@ -180,7 +181,7 @@ def _fidelity_claims(results: Results, roles: Roles) -> list[Claim]:
                                      numbers, "TinTeM > UNIC" if higher else "TinTeM < UNIC",
                                      (lambda n: _first(n) > _second(n)) if higher else (lambda n: _first(n) < _second(n)),
                                      unit))
-        head = results.metric(tintem, MetricPath(f"teacher_head_knn-{label}", (f"k={K}", "top1")))
+        head = results.metric(tintem, teacher_head_top1(K, label))
         numbers = {f"teacher head kNN {label}": head, f"{teacher} kNN {label}": results.knn(teacher, label),
                    f"{tintem} kNN {label}": results.knn(tintem, label)}
         claims.append(_claim("TinTeM Table 3", f"the teacher head's projection of {teacher} keeps its kNN", numbers,

@@ -129,6 +129,11 @@ def linear_top1(label: str = CLASS_LABEL) -> MetricPath:
 
 
 LINEAR_TOP1 = linear_top1()
+TEACHER_HEAD_KNN = "teacher_head_knn"  # TinTeM Table 3 (evaluate/teacher_head.py)
+
+
+def teacher_head_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
+    return MetricPath(labelled_task(TEACHER_HEAD_KNN, label), (f"k={k}", "top1"))
 
 
 def retrieval_map(protocol: str) -> MetricPath:

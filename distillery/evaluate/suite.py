@@ -14,7 +14,8 @@ Suite config (paths relative to the working directory; `configs/eval_synth.yaml`
     out: results/eval_synth
 
 `knn:pattern` (or `linear:<label>`) scores the task on a factor the shards record instead of the class,
-with the task's settings otherwise, into OUT/<model>/knn-pattern.json. It writes OUT/<model>/<task>.json, OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
+with the task's settings otherwise, into OUT/<model>/knn-pattern.json. It writes OUT/<model>/<task>.json,
+OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
 columns: kNN top-1 at k=20, linear top-1, retrieval Medium/Hard mAP, OOD AUROC and FPR@95 per group).
 Features are cached under OUT/<model>/features, so a re-run reuses them.
 """
@@ -31,7 +32,7 @@ from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
 from distillery.data.shards import CLASS_LABEL
-from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1, labelled_task, linear_top1,
+from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1, linear_top1,
                                         ood_metric, percent, retrieval_map, save_result, write_json, write_text)
 from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
                                        cka_features, cka_task, settings_from_dict)
@@ -212,9 +213,8 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
                 cka_inputs[name] = cka_features(model, config.data.cka or config.data.val, extraction)
                 models.update(model.describe())
                 continue
-            base, label = split_task(task)
-            result = SINGLE_MODEL_TASKS[base](model, config.data, task_settings(config, task), extraction)
-            save_result(result, default_path(name, labelled_task(base, label), config.out))
+            result = SINGLE_MODEL_TASKS[split_task(task)[0]](model, config.data, task_settings(config, task), extraction)
+            save_result(result, default_path(name, result.task, config.out))
             results[name][task] = result
     cka_result = None
     if cka_inputs:

@@ -9,6 +9,7 @@ in the result, which protocol settings produced each number.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,12 +150,20 @@ def factor_labels(path: Path, label: str, features: Features) -> tuple[tuple[str
         raise DistilleryError(f"{path}: label {label!r} needs shards that record factors (factors.json)")
     shard_set = ShardSet.open(path)
     names = shard_set.label_names(label)
-    by_key = {r.key: shard_set.label_of(r, label) for shard in range(len(shard_set)) for r in shard_set.records(shard)}
+    by_key = _factor_values(shard_set.root, shard_set.fingerprint()["keys_sha256"], label)
     missing = [key for key in features.keys if by_key.get(key) is None]
     if missing:
         raise DistilleryError(f"{path}: sample {missing[0]} has no {label!r} factor in its .json")
     labels = np.array([by_key[key] for key in features.keys], np.int64)
     return names, features._replace(labels=labels)
+
+
+@functools.lru_cache(maxsize=32)
+def _factor_values(root: Path, keys_sha256: str, label: str) -> dict[str, int | None]:
+    """Sample key -> its `label` value for a shard set. Every labelled task of every model reads these for train
+    and val; reading them means reading every tar, so a process reads each set once (per key hash)."""
+    shard_set = ShardSet.open(root)
+    return {r.key: shard_set.label_of(r, label) for shard in range(len(shard_set)) for r in shard_set.records(shard)}
 
 
 def train_label_space(train_path: Path, train_classes: tuple[str, ...] | None, train: Features, path: Path,

@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 
 from distillery.evaluate.features import Extraction
-from distillery.evaluate.results import TaskResult, labelled_task
+from distillery.evaluate.results import TEACHER_HEAD_KNN, TaskResult, labelled_task
 from distillery.evaluate.tasks import EvalData, EvalModel, KnnSettings, labelled_features, score_knn
 from distillery.train import checkpoint as ckpt
 from distillery.train.methods.tintem import combine_teachers, teacher_head_from_state
-
-TASK = "teacher_head_knn"
 
 
 def teacher_head_knn(run_dir: Path, teachers: list[EvalModel], data: EvalData, settings: KnnSettings,
@@ -42,7 +40,7 @@ def teacher_head_knn(run_dir: Path, teachers: list[EvalModel], data: EvalData, s
     train, val = projected(data.train), projected(data.val)
     metrics, rows = score_knn(data, settings, train, val)
     models = {t.name: {"spec": t.spec, "fingerprint": t.teacher.fingerprint()} for t in teachers}
-    return TaskResult(labelled_task(TASK, settings.label), {**models, "head": {"checkpoint": str(path)}},
+    return TaskResult(labelled_task(TEACHER_HEAD_KNN, settings.label), {**models, "head": {"checkpoint": str(path)}},
                       {"train": train[1].fingerprint["data"], "val": val[1].fingerprint["data"]},
                       {**dataclasses.asdict(settings), "features": "TinTeM teacher head of the teachers' raw CLS, "
                        "L2-normalised"}, metrics, ("k", "top-1 %", "top-5 %"), rows)
