@@ -1,8 +1,9 @@
 """torch.distributed, passed around explicitly: who we are, and the few collectives training needs.
 
 `torchrun --nproc_per_node=K -m distillery.cli train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we use NCCL on
-GPUs and gloo on CPU. Every helper is a no-op in a single process, so losses and methods never branch
-on whether a process group exists.
+GPUs (with gloo beside it for the objects that checkpoints gather) and gloo on CPU. Every helper is a no-op
+in a single process, so losses and methods never branch on whether a process group exists. Tensors handed
+to a collective live on the run's device: NCCL has no CPU tensors, and `_reduce` refuses one.
 """
 
 from __future__ import annotations
@@ -27,16 +28,27 @@ class DistInfo:
         return self.rank == 0
 
 
+_run_device = torch.device("cpu")  # set by init_distributed
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes; `cuda` (or no device, with a GPU) means cuda:LOCAL_RANK."""
+    global _run_device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _run_device = device
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -48,11 +60,22 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _on_run_device(tensor: torch.Tensor) -> torch.Tensor:
+    """Every tensor collective passes its tensor through here, so placement is checked in one place."""
+    if tensor.device != _run_device:
+        raise RuntimeError(f"a collective on a {tensor.device} tensor in a run on {_run_device}")
+    return tensor
+
+
+def _reduce(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(_on_run_device(tensor))
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean over ranks (in place), or the tensor itself in a single process."""
     if is_distributed():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+        _reduce(tensor).div_(dist.get_world_size())
     return tensor
 
 
@@ -62,7 +85,7 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor), dim=0)
+    return torch.cat(all_gather(_on_run_device(tensor)), dim=0)
 
 
 def gather_objects(value: Any) -> list[Any]:
@@ -74,13 +97,13 @@ def gather_objects(value: Any) -> list[Any]:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True if `flag` is true on any rank (so every rank stops together)."""
-    if not is_distributed():
-        return flag
-    tensor = torch.tensor([float(flag)])
-    dist.all_reduce(tensor)
-    return bool(tensor.item() > 0)
+def any_rank(flag: torch.Tensor) -> bool:
+    """True if the boolean tensor `flag` is true on any rank, so every rank stops together. Reading the
+    answer is one host sync: callers pass the flag as it lies on the device, not a Python bool."""
+    flag = flag.to(device=_run_device, dtype=torch.float32).reshape(1)
+    if is_distributed():
+        _reduce(flag)
+    return bool(flag.item() > 0)
 
 
 def barrier() -> None:

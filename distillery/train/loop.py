@@ -249,7 +249,7 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = self.model(batch, step, None if self.ema is None else self.ema.module)
         loss = losses["loss"]
-        if any_rank(not bool(torch.isfinite(loss.detach()))):
+        if any_rank(~torch.isfinite(loss.detach())):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             saved = ckpt.list_checkpoints(self.run_dir)
             raise TrainingError(f"step {step + 1}: the loss is not finite ({terms}); training stopped. "
