@@ -67,7 +67,7 @@ def test_shared_cache_for_the_same_teachers_and_settings(throughput):
     sefa = plan_experiment("sefa-vits16-dino-augreg", PlanInputs(throughput=throughput))
     tintem = plan_experiment("tintem-vitt14-dinov2s", PlanInputs(throughput=throughput))
     assert unic.store == sefa.store != tintem.store
-    assert unic.cache_bytes == 1_281_167 * 4 * 2 * (1 + 49) * 384 * 2  # README: 0.39 TB with --patch-pool 2
+    assert unic.cache_bytes == 1_281_167 * 4 * 2 * (1 + 196) * 384 * 2  # README: 1.55 TB, the full patch grid
 
 
 def test_cache_bytes_per_view_for_a_vit_s16_teacher():
@@ -192,11 +192,11 @@ def test_report_sets_reproduced_beside_the_papers_numbers(tmp_path):
     # DINOv2 ViT-S/14 (the second model, top-1 0.75) against the README's 79.0 kNN and 81.1 linear
     assert "| vit_small_patch14_dinov2.lvd142m@224 | knn top-1 (k=20) | 79.00 | 75.00 | -4.00 |" in text
     assert "| vit_small_patch14_dinov2.lvd142m@224 | linear top-1 | 81.10 | 80.00 | -1.10 |" in text
-    assert "| TinTeM | knn top-1 (k=20) | not published | 70.00 |  | not found: Table 2" in text
+    assert "| TinTeM | knn top-1 (k=20) | 74.30 | 70.00 | -4.30 | TinTeM Table 2" in text
     rows = json.loads(report_json.read_text())["rows"]
     assert len(rows) == len(experiment.models) * len(experiment.metrics)
     assert all(r["reproduced"] is not None for r in rows)
-    assert [(r["model"], r["metric"]) for r in rows[:3]] == [(r.model, r.metric) for r in experiment.paper_results]
+    assert [(r["model"], r["metric"]) for r in rows[:4]] == [(r.model, r.metric) for r in experiment.paper_results]
     assert rows[0]["result"].endswith("eval/vit_small_patch14_dinov2.lvd142m@224/knn.json#metrics/k=20/top1")
 
 
