@@ -13,7 +13,7 @@ from distillery.train.config import TrainConfig
 from distillery.train.distributed import DistInfo
 from distillery.train.loop import Trainer
 from distillery.train.methods import MethodContext, TeacherInfo, create_method
-from distillery.train.methods.tintem import combine_teachers, sne_kl
+from distillery.train.methods.tintem import PAPER_TEMPERATURES, combine_teachers, sne_kl
 from distillery.train.methods.unic import teacher_coefficients, token_loss
 from distillery.train.targets import resize_patch_grid
 from tests.conftest import TINY_DINO, TINY_STUDENT
@@ -101,6 +101,15 @@ def test_sne_loss_vanishes_under_orthogonal_maps_only():
     assert sne_kl(features, 3.0 * features @ orthogonal, temperatures).item() < 1e-5  # scale-free: cosines
     low_rank = torch.randn(24, 3) @ torch.randn(3, 24)
     assert sne_kl(features, features @ low_rank, temperatures).item() > 1.0
+
+
+def test_sne_loss_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    teacher, head = torch.randn(4, 17, 24), torch.randn(4, 17, 24)
+    exact = sne_kl(teacher, head, PAPER_TEMPERATURES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sne_kl(teacher, head, PAPER_TEMPERATURES).item() == exact.item()
+        assert sne_kl(teacher.bfloat16(), head, PAPER_TEMPERATURES).item() == pytest.approx(exact.item(), rel=1e-2)
 
 
 def test_tintem_gradients_flow_to_the_head_through_sne_and_to_the_student_through_cosine():

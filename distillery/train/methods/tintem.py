@@ -49,7 +49,7 @@ SELF_SIMILARITY_OFFSET = 1e8
 def _joint_log_probs(features: torch.Tensor, temperature: float) -> torch.Tensor:
     """log of the symmetrised joint SNE distribution of `features` [..., N, D] -> [..., N, N].
     The diagonal holds a huge negative number (probability 0); callers leave it out."""
-    normed = F.normalize(features.float(), dim=-1)
+    normed = F.normalize(features, dim=-1)
     logits = normed @ normed.transpose(-1, -2) / temperature
     n = logits.shape[-1]
     diagonal = torch.eye(n, device=logits.device)
@@ -62,7 +62,13 @@ def sne_kl(teacher: torch.Tensor, head: torch.Tensor, temperatures: tuple[float,
     """KL(P_teacher || Q_head) of the joint SNE distributions over the N items of the second-to-last axis,
     averaged over `temperatures` and over any leading (batch) axes. `teacher` [..., N, D_t], `head` [..., N, D_s].
 
-    Zero when `head` preserves the teacher's cosine similarities (e.g. any orthogonal map)."""
+    Zero when `head` preserves the teacher's cosine similarities (e.g. any orthogonal map). Computed in fp32
+    outside autocast: at temperature 0.01 a bf16 similarity matmul biases the loss by about 1%."""
+    with torch.autocast(teacher.device.type, enabled=False):
+        return _sne_kl(teacher.float(), head.float(), temperatures)
+
+
+def _sne_kl(teacher: torch.Tensor, head: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
     total = teacher.new_zeros((), dtype=torch.float32)
     off_diagonal = ~torch.eye(teacher.shape[-2], dtype=torch.bool, device=teacher.device)
     for temperature in temperatures:
