@@ -33,7 +33,7 @@ from distillery.cache.stats import Moments
 from distillery.data.views import NUM_PARAMS
 from distillery.errors import DistilleryError
 
-FORMAT = "distillery-cache/1"
+FORMAT = "distillery-cache/2"  # 2: view parameters gained RandAugment and erasing
 MANIFEST = "manifest.json"
 RECORDS = "shards"
 DTYPES = ("float16", "bfloat16", "int8")

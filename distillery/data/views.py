@@ -8,7 +8,9 @@ bit-for-bit the view its teacher saw; only the output size and the normalisation
 
 Layout of a parameter vector (`PARAM_NAMES`): crop box (top, left, height, width), flip, the four
 colour-jitter factors, the order they are applied in, grayscale, blur sigma (in pixels at a 224-px
-output; 0 = no blur) and solarize.
+output; 0 = no blur), solarize; then up to four RandAugment layers (op number in `RANDAUGMENT_OPS` + 1,
+0 = none; magnitude; sign) and a random-erasing box (on/off, top, left, height, width as fractions of the
+output, and the key of its noise). All zeros after the crop box is the identity.
 """
 
 from __future__ import annotations
@@ -21,9 +23,25 @@ import torch
 from scipy.ndimage import correlate1d
 from PIL import Image
 
+MAX_RANDAUGMENT_LAYERS = 4
+# timm's RandAugment op lists (timm.data.auto_augment _RAND_TRANSFORMS, then the `inc1` variants of
+# _RAND_INCREASING_TRANSFORMS); the parameter vector stores an op by its place here, so the order is fixed.
+RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+                   "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+                   "PosterizeIncreasing", "SolarizeIncreasing", "ColorIncreasing", "ContrastIncreasing",
+                   "BrightnessIncreasing", "SharpnessIncreasing")
+_INCREASING = ("PosterizeIncreasing", "SolarizeIncreasing", "ColorIncreasing", "ContrastIncreasing",
+               "BrightnessIncreasing", "SharpnessIncreasing")
+RANDAUGMENT_CHOICES = {False: RANDAUGMENT_OPS[:15],
+                       True: tuple(f"{name}Increasing" if f"{name}Increasing" in _INCREASING else name
+                                   for name in RANDAUGMENT_OPS[:15])}
 PARAM_NAMES = ("top", "left", "height", "width", "flip", "brightness", "contrast", "saturation", "hue",
-               "order0", "order1", "order2", "order3", "grayscale", "blur_sigma", "solarize")
+               "order0", "order1", "order2", "order3", "grayscale", "blur_sigma", "solarize",
+               *(f"ra{layer}_{part}" for layer in range(MAX_RANDAUGMENT_LAYERS) for part in ("op", "magnitude", "sign")),
+               "erase", "erase_top", "erase_left", "erase_height", "erase_width", "erase_key")
 NUM_PARAMS = len(PARAM_NAMES)
+RANDAUGMENT_AT = PARAM_NAMES.index("ra0_op")
+ERASE_AT = PARAM_NAMES.index("erase")
 EVAL_VIEW = -1
 BLUR_REFERENCE_SIZE = 224  # blur sigma and kernel are given for a 224-px output and scaled with the size
 
@@ -66,10 +84,14 @@ class ViewConfig:
     blur_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 5.0)
     solarize_p: float = 0.2
+    randaugment: str = ""  # timm's RandAugment string, e.g. "rand-m9-mstd0.5-inc1" (Proteus and TinTeM); "" = off
+    erasing_p: float = 0.0  # timm's RandomErasing in pixel mode (Proteus and TinTeM: 0.25)
     crop_pct: float = 0.875  # evaluation view: centre square of this fraction of the short side
 
     def __post_init__(self) -> None:
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        if self.randaugment:
+            parse_randaugment(self.randaugment)
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "erasing_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"view config: {name} must be a probability, got {getattr(self, name)}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
@@ -84,6 +106,35 @@ class ViewConfig:
         if unknown:
             raise ValueError(f"view config: unknown keys {unknown}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class RandAugmentConfig:
+    magnitude: float = 10.0
+    layers: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+    increasing: bool = False
+
+
+def parse_randaugment(text: str) -> RandAugmentConfig:
+    """timm's `rand-...` string (timm.data.auto_augment.rand_augment_transform): m, n, p, mstd, inc."""
+    parts = text.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"view config: randaugment {text!r} must start with 'rand-' (timm's RandAugment string)")
+    values: dict = {}
+    keys = {"m": ("magnitude", float), "n": ("layers", int), "p": ("prob", float), "mstd": ("magnitude_std", float),
+            "inc": ("increasing", lambda v: bool(int(v)))}
+    for part in parts[1:]:
+        key = part.rstrip("0123456789.")
+        if key not in keys or key == part:
+            raise ValueError(f"view config: randaugment {text!r}: unknown section {part!r}; known: m, n, p, mstd, inc")
+        name, kind = keys[key]
+        values[name] = kind(part[len(key):])
+    config = RandAugmentConfig(**values)
+    if not 0 <= config.layers <= MAX_RANDAUGMENT_LAYERS:
+        raise ValueError(f"view config: randaugment {text!r}: at most {MAX_RANDAUGMENT_LAYERS} layers")
+    return config
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
@@ -132,8 +183,47 @@ def sample_view(rng: np.random.Generator, config: ViewConfig, height: int, width
     solarize = rng.random() < config.solarize_p
     if not jitter:
         factors = (1.0, 1.0, 1.0, 0.0)
-    params = [top, left, h, w, float(flip), *factors, *order, float(gray), sigma if blur else 0.0, float(solarize)]
+    params = [top, left, h, w, float(flip), *factors, *order, float(gray), sigma if blur else 0.0, float(solarize),
+              *_draw_randaugment(rng, config.randaugment), *_draw_erasing(rng, config.erasing_p)]
     return np.asarray(params, dtype=np.float32)
+
+
+def _draw_randaugment(rng: np.random.Generator, text: str) -> list[float]:
+    """timm's RandAugment draws: n ops with replacement, each applied with probability p, its magnitude
+    from N(m, mstd) clipped to [0, 10] (uniform on [0, m] when mstd > 100), and a random sign."""
+    config = parse_randaugment(text) if text else RandAugmentConfig(layers=0)
+    choices = RANDAUGMENT_CHOICES[config.increasing]
+    out = []
+    for layer in range(MAX_RANDAUGMENT_LAYERS):
+        op, applied = int(rng.integers(len(choices))), rng.random() < config.prob
+        if config.magnitude_std > 100:
+            magnitude = rng.uniform(0, config.magnitude)
+        else:
+            magnitude = config.magnitude + config.magnitude_std * rng.standard_normal()
+        negative = rng.random() > 0.5
+        on = layer < config.layers and applied
+        out += [RANDAUGMENT_OPS.index(choices[op]) + 1 if on else 0, min(max(magnitude, 0.0), 10.0) if on else 0.0,
+                (-1.0 if negative else 1.0) if on else 0.0]
+    return out
+
+
+ERASE_REFERENCE_SIZE = 224  # the erased box is drawn on a square of this side and stored as fractions of it
+
+
+def _draw_erasing(rng: np.random.Generator, probability: float) -> list[float]:
+    """timm's RandomErasing box (area 0.02-1/3 of the image, aspect 0.3-3.3, 10 tries, one box) and noise key."""
+    erase, side = rng.random() < probability, ERASE_REFERENCE_SIZE
+    key = float(rng.integers(1 << 24))  # float32 holds integers below 2^24 exactly
+    for _ in range(10):
+        area = rng.uniform(0.02, 1 / 3) * side * side
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if w < side and h < side:
+            top, left = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+            if erase:
+                return [1.0, top / side, left / side, h / side, w / side, key]
+            break
+    return [0.0] * 6
 
 
 def eval_view(height: int, width: int, crop_pct: float) -> np.ndarray:
@@ -157,9 +247,66 @@ def replay(image: Image.Image, params: np.ndarray, out_size: int | tuple[int, in
     pixels = np.asarray(image.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h)), dtype=np.uint8)
     if params[4]:
         pixels = pixels[:, ::-1]
+    if params[RANDAUGMENT_AT:ERASE_AT:3].any():
+        pixels = randaugment(pixels, params[RANDAUGMENT_AT:ERASE_AT])
     if not _photometric_identity(params):
         pixels = photometric(pixels.astype(np.float32) / 255, params, out_w)
+    if params[ERASE_AT]:
+        pixels = erase(pixels, params[ERASE_AT + 1:ERASE_AT + 6])
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+# timm's create_transform passes the ImageNet mean as the fill of geometric ops and the training
+# interpolation (Proteus and TinTeM: bicubic) as their resampling.
+RANDAUGMENT_FILL = tuple(min(255, round(255 * x)) for x in (0.485, 0.456, 0.406))
+
+
+def randaugment_args(name: str, magnitude: float, sign: float) -> tuple:
+    """The op arguments of timm's LEVEL_TO_ARG for this magnitude, with the sign drawn beforehand instead of
+    by `random` inside timm (tests/test_views.py checks them against timm's for both signs)."""
+    from timm.data.auto_augment import LEVEL_TO_ARG
+
+    level = magnitude / 10
+    if name == "Rotate":
+        return (sign * level * 30,)
+    if name in ("ShearX", "ShearY"):
+        return (sign * level * 0.3,)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return (sign * level * 0.45,)
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
+        return (max(0.1, 1.0 + sign * level * 0.9),)
+    level_fn = LEVEL_TO_ARG[name]
+    return () if level_fn is None else tuple(level_fn(magnitude, {}))
+
+
+def randaugment(pixels: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """Apply stored RandAugment layers (op + 1, magnitude, sign) to uint8 [H, W, 3] with timm's op functions."""
+    from timm.data.auto_augment import NAME_TO_OP
+
+    image = Image.fromarray(pixels)
+    for op, magnitude, sign in layers.reshape(-1, 3):
+        if op:
+            name = RANDAUGMENT_OPS[int(op) - 1]
+            image = NAME_TO_OP[name](image, *randaugment_args(name, float(magnitude), float(sign)),
+                                     fillcolor=RANDAUGMENT_FILL, resample=Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+ERASE_MEAN, ERASE_STD = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+
+
+def erase(pixels: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Fill the stored box with per-pixel noise: timm's pixel-mode erasing writes N(0, 1) in normalised
+    space; here that is mapped back through the ImageNet mean and std to uint8 so that every model's replay
+    holds the same bytes (exactly timm's values for an ImageNet-normalised model, up to clipping)."""
+    out_h, out_w = pixels.shape[:2]
+    top, left = int(round(float(box[0]) * out_h)), int(round(float(box[1]) * out_w))
+    h, w = max(1, int(round(float(box[2]) * out_h))), max(1, int(round(float(box[3]) * out_w)))
+    h, w = min(h, out_h - top), min(w, out_w - left)
+    noise = np.random.default_rng(int(box[4])).standard_normal((h, w, 3), dtype=np.float32)
+    pixels = pixels.copy()
+    pixels[top:top + h, left:left + w] = np.clip(np.round((noise * ERASE_STD + ERASE_MEAN) * 255), 0, 255)
+    return pixels
 
 
 def _photometric_identity(params: np.ndarray) -> bool:

@@ -47,7 +47,8 @@ def bytes_per_view(teachers: list[PlannedTeacher], dtype: str, patch_pool: int, 
 def store_name(teachers: list[PlannedTeacher], cache: dict[str, Any]) -> str:
     """One store per (teachers, views, seed, storage): experiments that agree on them share it."""
     return ("+".join(t.name for t in teachers) + f"_v{cache['views']}_seed{cache['seed']}_{cache['dtype']}"
-            + ("_cls" if cache["cls_only"] else f"_pool{cache['patch_pool']}") + ".zarr")
+            + ("_cls" if cache["cls_only"] else f"_pool{cache['patch_pool']}")
+            + (f"_{Path(cache['view_config']).stem}" if cache.get("view_config") else "") + ".zarr")
 
 
 @dataclass(frozen=True)

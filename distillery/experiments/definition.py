@@ -23,8 +23,9 @@ from distillery.errors import DistilleryError
 from distillery.experiments.metrics import TASKS, MetricPath, metric_paths
 
 EXPERIMENTS_DIR = Path("configs/experiments")
-# CacheConfig fields an experiment may set (the teachers are its own key; views are drawn with the defaults).
-CACHE_KEYS = ("views", "seed", "dtype", "patch_pool", "cls_only", "batch_size", "workers")
+# CacheConfig fields an experiment may set (the teachers are its own key). `view_config` is a YAML file of
+# ViewConfig settings, as `cache-teachers --view-config` takes it; without one, views use the defaults.
+CACHE_KEYS = ("views", "seed", "dtype", "patch_pool", "cls_only", "batch_size", "workers", "view_config")
 
 
 class ExperimentError(DistilleryError):
@@ -111,8 +112,10 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
     teachers = values["teachers"]
     if not isinstance(teachers, list) or not teachers or not all(isinstance(t, str) and t for t in teachers):
         raise ExperimentError(f"{path}: teachers must be a non-empty list of teacher specs")
+    cache = dict(_check_keys(values["cache"], f"{path}: cache", (), CACHE_KEYS))
+    view_file = cache.pop("view_config", None)
     try:
-        cache_config = CacheConfig(teachers=tuple(teachers), **_check_keys(values["cache"], f"{path}: cache", (), CACHE_KEYS))
+        cache_config = CacheConfig(teachers=tuple(teachers), **cache, view_config=_view_config(view_file, path))
     except (DistilleryError, TypeError) as error:
         raise ExperimentError(f"{path}: cache: {error}") from error
     evaluation = _check_keys(values["eval"], f"{path}: eval", ("tasks",), ("settings",))
@@ -125,7 +128,8 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
         raise ExperimentError(f"{path}: eval: settings for {stray[0]!r}, which is not one of the tasks {list(tasks)}")
     experiment = Experiment(
         name=path.stem, path=path, paper=str(values["paper"]), student=str(values["student"]), teachers=tuple(teachers),
-        cache={key: getattr(cache_config, key) for key in CACHE_KEYS}, train=Path(values["train"]),
+        cache={**{key: getattr(cache_config, key) for key in CACHE_KEYS if key != "view_config"},
+               "view_config": view_file}, train=Path(values["train"]),
         dataset=load_dataset(Path(values["data"])), tasks=tasks, eval_settings=settings,
         paper_results=_paper_results(values["paper_results"], path))
     _check_paper_results(experiment)
@@ -168,6 +172,19 @@ def _split(values: Any, where: str) -> Split:
     if isinstance(values["images"], bool) or not isinstance(values["images"], int) or values["images"] < 1:
         raise ExperimentError(f"{where}: images must be a positive integer, got {values['images']!r}")
     return Split(str(values["path"]), values["images"])
+
+
+def _view_config(view_file: str | None, path: Path):
+    from distillery.data.views import ViewConfig
+
+    if view_file is None:
+        return ViewConfig()
+    if not Path(view_file).is_file():
+        raise ExperimentError(f"{path}: cache: view_config {view_file}: no such file")
+    try:
+        return ViewConfig.from_dict(_read_yaml(Path(view_file)) or {})
+    except ValueError as error:
+        raise ExperimentError(f"{path}: cache: view_config {view_file}: {error}") from error
 
 
 def _paper_results(rows: Any, path: Path) -> tuple[PaperResult, ...]:

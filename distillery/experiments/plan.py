@@ -268,6 +268,8 @@ def _plan_steps(plan: ExperimentPlan) -> None:
     store = str(plan.store or "${CACHE_DIR}/STORE.zarr")
     cache_options = []
     for key, value in experiment.cache.items():
+        if value is None:
+            continue
         option = "--" + key.replace("_", "-")
         cache_options += ([option] if value else []) if isinstance(value, bool) else [option, str(value)]
     method = plan.method or "student"

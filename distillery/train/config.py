@@ -53,11 +53,14 @@ class TrainConfig:
     views: int = 4  # online mode: views per image, drawn as a cache with this count would be
     view_seed: int = 0  # online mode: seed of the views
     view_config: dict[str, Any] = field(default_factory=dict)  # online mode: ViewConfig overrides
+    repeated_augmentation: int = 1  # DeiT's RASampler: each sample R times per step, in R views (Proteus, TinTeM: 3)
     method_config: dict[str, Any] = field(default_factory=dict)  # the `<method>:` section
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be positive")
+        if self.repeated_augmentation < 1:
+            raise ConfigError(f"repeated_augmentation must be 1 (off) or more, got {self.repeated_augmentation}")
         if self.clip_mode not in ("global", "per_parameter"):
             raise ConfigError(f"clip_mode must be 'global' or 'per_parameter', got {self.clip_mode!r}")
         if self.lr_scaling not in ("linear", "none"):

@@ -13,6 +13,10 @@ Which of the V cached views a shard uses cycles with the epoch from a seeded off
 every sample sees each of its views once and a block read touches one view only (views are independent
 draws, so choosing per shard rather than per sample changes no statistic).
 
+With repeated augmentation (DeiT's RASampler, which Proteus and TinTeM train with), an epoch takes 1/R of
+each shard's samples and shows each R times in a row, with R different views, so the copies share a step
+as DeiT's do; the epoch keeps its length.
+
 Every worker stream is endless (epochs follow each other), so all ranks can take the same number of steps
 whatever their shard sizes. Every batch carries the position its worker will continue from; the loop
 stores the positions of the batches it consumed, and a resumed run starts each worker exactly there.
@@ -20,6 +24,7 @@ stores the positions of the batches it consumed, and a resumed run starts each w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -93,8 +98,14 @@ class TrainStream(torch.utils.data.IterableDataset):
     teacher_views: TeacherViews | None = None
     start: list[Position] = field(default_factory=list)  # per stream; empty = from the beginning
     first_batch: int = 0  # batches already taken (resume): the loader's worker w plays stream (w + first_batch) % W
+    repeats: int = 1  # repeated augmentation: each chosen sample R times, with R different teacher views
 
     def __post_init__(self) -> None:
+        if self.repeats > 1 and (not self.spec.teacher_view or self.repeats > self.teacher_views.num_views):
+            raise DistilleryError(f"repeated augmentation x{self.repeats} shows each sample in that many different "
+                                  "teacher views: it needs a method that trains on the teacher view and at least "
+                                  f"{self.repeats} views per image"
+                                  + (f" (this run has {self.teacher_views.num_views})" if self.teacher_views else ""))
         if len(self.shard_set) < self.world_size * self.num_workers:
             raise DistilleryError(f"{self.shard_set.root}: {len(self.shard_set)} shards cannot feed {self.world_size} "
                                   f"ranks x {self.num_workers} workers; use fewer workers or smaller shards")
@@ -129,10 +140,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             for slot in range(slot, len(shards)):
                 shard_id = shards[slot]
                 records = list(self.shard_set.records(shard_id))
-                block, view = self._cache_block(shard_id, epoch, records)
-                order = counter_rng(self.seed, shard_id, STREAM_SAMPLE_ORDER, epoch).permutation(len(records))
+                blocks, first_view = self._cache_blocks(shard_id, epoch, records)
+                order = self._emissions(shard_id, epoch, len(records))
                 for k in range(first, len(order)):
-                    position = int(order[k])
+                    position, repeat = order[k]
+                    view = None if first_view is None else (first_view + repeat) % self.teacher_views.num_views
+                    block = blocks.get(view)
                     if block is not None and not block["valid"][position]:
                         continue
                     record = records[position]
@@ -144,12 +157,24 @@ class TrainStream(torch.utils.data.IterableDataset):
                 first = 0
             slot, epoch = 0, epoch + 1
 
-    def _cache_block(self, shard_id: int, epoch: int, records: list) -> tuple[dict | None, int | None]:
+    def _emissions(self, shard_id: int, epoch: int, count: int) -> list[tuple[int, int]]:
+        """(record position, repeat) in the order this epoch shows a shard's samples."""
+        order = [int(p) for p in counter_rng(self.seed, shard_id, STREAM_SAMPLE_ORDER, epoch).permutation(count)]
+        if self.repeats == 1:
+            return [(p, 0) for p in order]
+        return [(p, repeat) for p in order[:math.ceil(count / self.repeats)] for repeat in range(self.repeats)]
+
+    def _cache_blocks(self, shard_id: int, epoch: int, records: list) -> tuple[dict[int, dict], int | None]:
+        """The shard's cache blocks by view (one per repeat; none online), and the epoch's first view."""
         if self.teacher_views is None:
-            return None, None
-        view = self.view_of(shard_id, epoch)
+            return {}, None
+        first_view = self.view_of(shard_id, epoch)
         if self.teacher_views.cache_url is None:
-            return None, view
+            return {}, first_view
+        views = [(first_view + repeat) % self.teacher_views.num_views for repeat in range(self.repeats)]
+        return {view: self._cache_block(shard_id, view, records) for view in views}, first_view
+
+    def _cache_block(self, shard_id: int, view: int, records: list) -> dict:
         if self._store is None:
             self._store = CacheStore.open(self.teacher_views.cache_url)
         block = self._store.read_block(shard_id, view=view, teachers=list(self.teacher_views.teacher_names),
@@ -159,7 +184,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             bad = next(i for i, (a, b) in enumerate(zip(block["keys"], keys)) if a != b)
             raise CacheError(f"{self.teacher_views.cache_url}: shard {self.shard_set.shards[shard_id].name} row {bad} "
                              f"holds key {block['keys'][bad]!r} but the image there is {keys[bad]!r}")
-        return block, view
+        return block
 
     def _sample(self, record, image, epoch: int, view: int | None, block: dict | None, position: int) -> dict[str, Any]:
         sample: dict[str, Any] = {"index": record.index}

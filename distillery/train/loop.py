@@ -182,7 +182,8 @@ class Trainer:
         self.positions = positions or [Position()] * self.num_workers
         stream = TrainStream(shard_set, self.method.sample_spec(), self.student.preprocessing.input_size,
                              config.batch_size // dist.world_size, config.seed, dist.rank, dist.world_size,
-                             self.num_workers, self.teachers.views, positions, first_batch=self.start_step)
+                             self.num_workers, self.teachers.views, positions, first_batch=self.start_step,
+                             repeats=config.repeated_augmentation)
         self.loader = make_loader(stream, config.workers, config.seed)
 
     # ------------------------------------------------------------------ checkpoints
