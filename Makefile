@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo teachers cli-docs clean-venv
+.PHONY: setup test demo teachers device-check cli-docs clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 # on the demo's synth data, each with a provenance.json that the demo checks. Deterministic on a CPU.
 teachers: $(STAMP)
 	$(BIN)/distillery demo --train-teachers
+
+# The prepared GPU check (benchmarks/device_check.py, about 8 minutes on one GPU): teacher forward, cache-teachers,
+# training and kNN rates with peak memory, and the GPU-hours figures `make all DRY_RUN=1` reads.
+device-check: $(STAMP)
+	$(BIN)/python benchmarks/device_check.py --out results/device_check.json --throughput benchmarks/gpu_throughput.json
 
 # docs/cli.md, the command reference, is generated from the typer app (a test checks it is current).
 cli-docs: $(STAMP)

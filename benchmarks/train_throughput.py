@@ -30,7 +30,7 @@ import torch
 from common import CPU_TEACHERS, random_teachers, synth_train
 from distillery.cache.writer import CacheConfig, cache_teachers
 from distillery.train.config import TrainConfig
-from distillery.train.distributed import DistInfo
+from distillery.train.distributed import init_distributed
 from distillery.train.loop import Trainer
 
 # name: (timm architecture, overrides); the 32 px ones are the synth configs' students, the /16 ones the papers'.
@@ -50,12 +50,13 @@ METHOD_SETTINGS = {
 
 
 def trainer(work: Path, name: str, data: str, method: str, student: str, steps: int, batch_size: int, workers: int,
-            **extra) -> Trainer:
+            device: str | None = None, **extra) -> Trainer:
+    """A run on `device` (default: the first GPU when there is one)."""
     arch, student_args = STUDENTS[student]
     config = TrainConfig(method=method, data=data, out=str(work / name), student=arch, student_args=student_args,
                          epochs=100, max_steps=steps, batch_size=batch_size, warmup_epochs=0, workers=workers,
                          log_every=10, method_config=METHOD_SETTINGS[method], **extra)
-    return Trainer(config, DistInfo())
+    return Trainer(config, init_distributed(device))
 
 
 def rate(work: Path, name: str, *args, **kwargs) -> float:
