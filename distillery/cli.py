@@ -91,19 +91,6 @@ cache_app = typer.Typer(help="Inspect and verify teacher-feature caches.", no_ar
 app.add_typer(cache_app, name="cache")
 
 
-def _load_yaml(path: Optional[Path]) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    if not path.exists():
-        raise DistilleryError(f"{path}: no such config file")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise DistilleryError(f"{path}: expected a mapping of option names to values")
-    return values
-
-
 @app.command("cache-teachers")
 def cache_teachers(
     data: Annotated[Path, typer.Option(help="Shard directory (e.g. synth/train).")],
@@ -124,9 +111,11 @@ def cache_teachers(
     Several writers: `torchrun --nproc_per_node=K -m distillery.cli cache-teachers ...`, or plain processes
     with RANK and WORLD_SIZE set; each image shard is written by exactly one of them."""
     from distillery.cache.writer import CacheConfig, cache_teachers as run
+    from distillery.config import read_yaml
     from distillery.data.views import ViewConfig
 
-    config = CacheConfig(teachers=tuple(teacher), views=views, seed=seed, view_config=ViewConfig.from_dict(_load_yaml(view_config)),
+    views_settings = ViewConfig.from_dict(read_yaml(view_config), str(view_config)) if view_config else ViewConfig()
+    config = CacheConfig(teachers=tuple(teacher), views=views, seed=seed, view_config=views_settings,
                          dtype=dtype, patch_pool=patch_pool, cls_only=cls_only, batch_size=batch_size, workers=workers)
     summary = run(str(data), out, config, overwrite=overwrite)
     print_mapping(f"cache {out}", summary)
@@ -182,7 +171,8 @@ def train(
     teacher: Annotated[Optional[list[str]], typer.Option(help="Run this teacher online instead of reading a cache (repeat).")] = None,
     stats_from: Annotated[Optional[str], typer.Option(help="Online teachers: standardisation statistics from this store.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N (default: cuda when available).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE on top of the config, nested keys dotted (student_args.depth=6, unic.drop_prob=0.3); repeat.")] = None,
 ) -> None:
     """Train a student with one method; DDP with `torchrun --nproc_per_node=K -m distillery.cli train ...`."""
     from distillery.train.loop import train as run
@@ -190,7 +180,7 @@ def train(
     values = {"method": method, "data": data, "out": out, "student": student, "epochs": epochs, "max_steps": max_steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "workers": workers, "checkpoint_every": checkpoint_every,
               "cache": cache, "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from}
-    summary = run(values, config, resume=resume, device=device)
+    summary = run(values, config, resume=resume, device=device, overrides=tuple(set_ or ()))
     print_mapping(f"run {summary['run']}", summary)
 
 

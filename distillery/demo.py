@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from distillery.config import check_keys, read_yaml
 from distillery.console import console
 from distillery.errors import DistilleryError
 
@@ -61,13 +62,8 @@ class DemoConfig:
     @classmethod
     def load(cls, path: str | Path, work: str | Path | None = None, report: str | Path | None = None) -> DemoConfig:
         path = Path(path)
-        if not path.exists():
-            raise DistilleryError(f"{path}: no such demo config")
-        values = yaml.safe_load(path.read_text()) or {}
-        known = {"work", "report", "synth", "cache", "teachers", "students", "alone", "baselines", "eval", "pca_images"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise DistilleryError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        values = check_keys(read_yaml(path), str(path), ("work", "report", "synth", "cache", "teachers", "students",
+                                                          "alone", "baselines", "eval", "pca_images"))
         runs = {part: tuple(_model_run(path, name, entry) for name, entry in (values.get(part) or {}).items())
                 for part in ("teachers", "students")}
         if not runs["teachers"] or not runs["students"]:
@@ -86,12 +82,7 @@ class DemoConfig:
 
 
 def _model_run(path: Path, name: str, entry: Any) -> ModelRun:
-    if not isinstance(entry, dict) or "config" not in entry:
-        raise DistilleryError(f"{path}: {name} needs a mapping with a config: key (a train config file)")
-    keys = ("config", "overrides", "ema", "shipped", "expertise")
-    extra = sorted(set(entry) - set(keys))
-    if extra:
-        raise DistilleryError(f"{path}: {name}: unknown key {extra[0]!r} ({', '.join(keys)})")
+    check_keys(entry, f"{path}: {name}", ("overrides", "ema", "shipped", "expertise"), required=("config",))
     return ModelRun(name, str(entry["config"]), dict(entry.get("overrides") or {}), bool(entry.get("ema", False)),
                     str(entry["shipped"]) if entry.get("shipped") else None,
                     str(entry["expertise"]) if entry.get("expertise") else None)
@@ -235,7 +226,6 @@ def _roles(config: DemoConfig, columns: tuple) -> Any:
     """Who is who for the claims: each teacher's expertise, each student's method and teachers, and the report's
     higher-is-better columns as the tasks of the mean over tasks."""
     from distillery.evaluate.claims import Roles
-    from distillery.train.config import read_yaml
 
     teachers = {run.name: run.expertise for run in config.teachers}
     missing = [name for name, label in teachers.items() if not label]
@@ -301,7 +291,6 @@ def _untrained(steps: Steps, name: str, train_config: str, work: Path) -> str:
 
 def _with_overrides(run: ModelRun, work: Path) -> Path:
     """The run's config file with the demo's overrides merged in (nested sections merged key by key)."""
-    from distillery.train.config import read_yaml
 
     values = read_yaml(run.config)
     for key, value in run.overrides.items():

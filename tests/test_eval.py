@@ -77,7 +77,7 @@ def test_linear_probe_chooses_a_learning_rate_on_held_out_train_and_separates_se
 
 
 def test_suite_config_errors_name_the_file_and_the_key(tmp_path, synth_dir, teacher_specs):
-    with pytest.raises(DistilleryError, match=r"suite\.yaml: unknown key settings\.knnn"):
+    with pytest.raises(DistilleryError, match=r"suite\.yaml: settings: unknown key 'knnn'"):
         read_suite_config(_suite_file(tmp_path, synth_dir, teacher_specs, settings={"knnn": {}}))
     with pytest.raises(DistilleryError, match=r"suite\.yaml: unknown task 'top1'"):
         read_suite_config(_suite_file(tmp_path, synth_dir, teacher_specs, tasks=["top1"]))

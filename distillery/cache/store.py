@@ -32,6 +32,7 @@ import zarr
 from distillery.cache.stats import Moments
 from distillery.data.views import NUM_PARAMS
 from distillery.errors import DistilleryError
+from distillery.files import write_atomic
 
 FORMAT = "distillery-cache/2"  # 2: view parameters gained RandAugment and erasing
 MANIFEST = "manifest.json"
@@ -112,10 +113,7 @@ class SideFiles:
         data = json.dumps(value, indent=1, sort_keys=True).encode()
         path = self.path(relative)
         if isinstance(self.fs, LocalFileSystem):
-            partial = path + ".partial"
-            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-            self.fs.pipe_file(partial, data)
-            self.fs.mv(partial, path)  # a rename: readers never see half a file
+            write_atomic(self.fs._strip_protocol(path), data)  # a rename: readers never see half a file
         else:
             self.fs.pipe_file(path, data)  # object stores put whole objects atomically
 

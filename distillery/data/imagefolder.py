@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from distillery.data.shards import ShardError, ShardWriter, staged_directory
+from distillery.data.shards import ShardError, ShardWriter
+from distillery.files import staged_directory
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 

@@ -8,12 +8,10 @@ shard. Work is split by whole shards, so ranks and DataLoader workers never read
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from distillery.errors import DistilleryError
+from distillery.files import partial_path, publish, write_atomic
 
 INDEX_FILE = "shards.json"
 CLASSES_FILE = "classes.json"
@@ -250,7 +249,7 @@ class ShardWriter:
 
     def __init__(self, root: str | os.PathLike, shard_size: int, prefix: str = "shard"):
         if shard_size < 1:
-            raise ValueError(f"shard size must be at least 1, got {shard_size}")
+            raise ShardError(f"shard size must be at least 1, got {shard_size}")
         self.root, self.shard_size, self.prefix = Path(root), shard_size, prefix
         self.root.mkdir(parents=True, exist_ok=True)
         stale = [p.name for p in self.root.iterdir() if p.suffix == ".tar" or p.name == INDEX_FILE]
@@ -264,7 +263,7 @@ class ShardWriter:
     def write(self, key: str, image_bytes: bytes, ext: str, label: int | None = None,
               meta: dict[str, Any] | None = None, size: tuple[int, int] | None = None) -> None:
         if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits names at the first dot)")
+            raise ShardError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits names at the first dot)")
         if self._writer is None:
             self._open()
         sample: dict[str, Any] = {"__key__": key, ext: image_bytes}
@@ -302,7 +301,7 @@ class ShardWriter:
         return f"{self.prefix}-{len(self.shards):06d}.tar"
 
     def _partial_path(self) -> Path:
-        return self.root / (self._name() + ".partial")
+        return partial_path(self.root / self._name())
 
     def _open(self) -> None:
         self._writer = wds.TarWriter(str(self._partial_path()), user="distillery", group="distillery", mtime=0)
@@ -311,39 +310,13 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         self._writer.close()
         self._writer = None
-        os.replace(self._partial_path(), self.root / self._name())
+        publish(self._partial_path(), self.root / self._name())
         sizes = self._sizes or None
         self.shards.append(ShardInfo(
             name=self._name(), count=len(self._keys), keys_sha256=keys_sha256(self._keys),
             min_size=min(sizes, key=lambda s: s[0] * s[1]) if sizes else None,
             max_size=max(sizes, key=lambda s: s[0] * s[1]) if sizes else None,
         ))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name and rename, so a file with this name is always complete."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-@contextlib.contextmanager
-def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under `<out>.partial` and give it its real name only when the block succeeds.
-
-    An interrupted conversion therefore never leaves shards under `out` that look like a finished set.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ShardError(f"{out}: not empty; write into a new or empty directory")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    yield partial
-    out.mkdir(parents=True, exist_ok=True)
-    for child in sorted(partial.iterdir()):
-        os.replace(child, out / child.name)
-    partial.rmdir()
 
 
 def describe(shard_set: ShardSet, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from distillery.data.shards import ShardWriter, staged_directory
+from distillery.config import ConfigError
+from distillery.data.shards import ShardWriter
+from distillery.files import staged_directory
 
 ID_CLASSES = ("disc", "square", "triangle", "plus", "ring", "star", "hexagon", "crescent", "arrow", "ell")
 NEAR_OOD_CLASSES = ("pentagon", "star4", "semicircle", "tee", "heart")
@@ -55,13 +57,13 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.size < 16:
-            raise ValueError(f"--size must be at least 16 px, got {self.size}")
+            raise ConfigError(f"--size must be at least 16 px, got {self.size}")
         if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"--format must be jpg or png, got {self.image_format!r}")
+            raise ConfigError(f"--format must be jpg or png, got {self.image_format!r}")
         if min(self.train, self.val, self.ood_near, self.ood_far, self.landmarks, self.distractors) < 0:
-            raise ValueError("image counts cannot be negative")
+            raise ConfigError("image counts cannot be negative")
         if self.landmarks >= len(ID_CLASSES) * len(PATTERNS):
-            raise ValueError(f"--landmarks must be below {len(ID_CLASSES) * len(PATTERNS)}: each landmark's object "
+            raise ConfigError(f"--landmarks must be below {len(ID_CLASSES) * len(PATTERNS)}: each landmark's object "
                              "is a shape and pattern of its own")
 
 

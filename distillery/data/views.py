@@ -23,6 +23,8 @@ import torch
 from scipy.ndimage import correlate1d
 from PIL import Image
 
+from distillery.config import ConfigError, from_mapping
+
 MAX_RANDAUGMENT_LAYERS = 4
 # timm's RandAugment op lists (timm.data.auto_augment _RAND_TRANSFORMS, then the `inc1` variants of
 # _RAND_INCREASING_TRANSFORMS); the parameter vector stores an op by its place here, so the order is fixed.
@@ -93,19 +95,15 @@ class ViewConfig:
             parse_randaugment(self.randaugment)
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "erasing_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"view config: {name} must be a probability, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a probability, got {getattr(self, name)}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"view config: scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ConfigError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"view config: crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> ViewConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"view config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    def from_dict(cls, values: dict, where: str = "view config") -> ViewConfig:
+        return from_mapping(cls, values, where)
 
 
 @dataclass(frozen=True)
@@ -121,19 +119,19 @@ def parse_randaugment(text: str) -> RandAugmentConfig:
     """timm's `rand-...` string (timm.data.auto_augment.rand_augment_transform): m, n, p, mstd, inc."""
     parts = text.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"view config: randaugment {text!r} must start with 'rand-' (timm's RandAugment string)")
+        raise ConfigError(f"randaugment {text!r} must start with 'rand-' (timm's RandAugment string)")
     values: dict = {}
     keys = {"m": ("magnitude", float), "n": ("layers", int), "p": ("prob", float), "mstd": ("magnitude_std", float),
             "inc": ("increasing", lambda v: bool(int(v)))}
     for part in parts[1:]:
         key = part.rstrip("0123456789.")
         if key not in keys or key == part:
-            raise ValueError(f"view config: randaugment {text!r}: unknown section {part!r}; known: m, n, p, mstd, inc")
+            raise ConfigError(f"randaugment {text!r}: unknown section {part!r}; known: m, n, p, mstd, inc")
         name, kind = keys[key]
         values[name] = kind(part[len(key):])
     config = RandAugmentConfig(**values)
     if not 0 <= config.layers <= MAX_RANDAUGMENT_LAYERS:
-        raise ValueError(f"view config: randaugment {text!r}: at most {MAX_RANDAUGMENT_LAYERS} layers")
+        raise ConfigError(f"randaugment {text!r}: at most {MAX_RANDAUGMENT_LAYERS} layers")
     return config
 
 

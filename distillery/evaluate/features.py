@@ -40,6 +40,7 @@ from distillery.data.imagefolder import find_classes
 from distillery.data.shards import INDEX_FILE, ShardSet, decode_image
 from distillery.data.views import eval_view, normalize, replay
 from distillery.errors import DistilleryError
+from distillery.files import atomic_path
 from distillery.evaluate.knn import l2_normalize
 from distillery.evaluate.retrieval import crop_box
 from distillery.models.teachers import Preprocessing, Teacher, create_teacher
@@ -398,10 +399,8 @@ def _write_cached(path: Path, features: Features, spec: str) -> None:
               "fingerprint": np.asarray(json.dumps(features.fingerprint, sort_keys=True)), "spec": np.asarray(spec)}
     if features.labels is not None:
         arrays["labels"] = features.labels
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
+    with atomic_path(path) as partial, open(partial, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(partial, path)
 
 
 def read_features_file(path: str | os.PathLike) -> tuple[str, Features]:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from distillery.files import write_atomic
+from distillery.config import read_yaml
 from distillery.errors import DistilleryError
 from distillery.evaluate.baselines import COLOUR_HISTOGRAM, RAW_PIXELS
 from distillery.evaluate.claims import Roles, all_claims, claims_markdown
 from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, knn_top1, ood_metric, read_metric, read_result,
-                                        retrieval_map, write_json, write_text)
+                                        retrieval_map, write_json)
 from distillery.evaluate.suite import SuiteConfig, summary_columns
 
 
@@ -109,7 +110,7 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
     """Write OUT/report.md, OUT/report.json and the PNG figures; returns the report's path. With `roles`, the
     report also holds the model-free floors, the teachers' checks, what each student inherited, the student
     trained alone and the papers' claims, each verdict computed from the result files (evaluate/claims.py)."""
-    suite = yaml.safe_load(Path(suite_config).read_text())
+    suite = read_yaml(suite_config)
     eval_dir = Path(suite["out"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,7 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
                       for name, claims in sections.items()})
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures.items()]
     report = out / "report.md"
-    write_text(report, "\n".join(lines) + "\n")
+    write_atomic(report, "\n".join(lines) + "\n")
     write_json(out / "report.json", {**saved, "figures": {t: p.name for t, p in figures.items()}})
     return report
 

@@ -20,8 +20,9 @@ import numpy as np
 
 import distillery
 from distillery.console import print_table
-from distillery.data.shards import CLASS_LABEL, write_atomic
+from distillery.data.shards import CLASS_LABEL
 from distillery.errors import DistilleryError
+from distillery.files import write_atomic
 
 RESULTS_DIR = Path("results")
 
@@ -70,15 +71,9 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, values: Any) -> Path:
-    return write_text(path, json.dumps(jsonable(values), indent=1) + "\n")
+    return write_atomic(path, json.dumps(jsonable(values), indent=1) + "\n")
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write atomically (see data.shards.write_atomic), creating the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
-    return path
 
 
 def save_result(result: TaskResult, path: str | os.PathLike) -> Path:

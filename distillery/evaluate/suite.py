@@ -27,17 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillery.files import write_atomic
+from distillery.config import check_keys, read_yaml
 from distillery.console import console, print_table
 from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
 from distillery.data.shards import CLASS_LABEL
 from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1, linear_top1,
-                                        ood_metric, percent, retrieval_map, save_result, write_json, write_text)
+                                        ood_metric, percent, retrieval_map, save_result, write_json)
 from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
                                        cka_features, cka_task, settings_from_dict)
 from distillery.models.teachers import teacher_name
-from distillery.train.config import read_yaml
 
 
 def features_dir(root: Path, model_name: str) -> Path:
@@ -116,14 +117,8 @@ def _mapping(value: Any, where: str, source: Path) -> dict:
     return value
 
 
-def _check_keys(values: dict, known: tuple[str, ...], where: str, source: Path) -> None:
-    unknown = [key for key in values if key not in known]
-    if unknown:
-        raise DistilleryError(f"{source}: unknown key {where}{unknown[0]}; known: {', '.join(known)}")
-
-
 def _suite_data(values: dict, source: Path) -> EvalData:
-    _check_keys(values, DATA_KEYS, "data.", source)
+    check_keys(values, f"{source}: data", DATA_KEYS)
     ood, groups = {}, {}
     for group, dirs in _mapping(values.get("ood", {}), "data.ood", source).items():
         paths = [Path(d) for d in (dirs if isinstance(dirs, list) else [dirs])]
@@ -133,7 +128,7 @@ def _suite_data(values: dict, source: Path) -> EvalData:
     retrieval = None
     if "retrieval" in values:
         entry = _mapping(values["retrieval"], "data.retrieval", source)
-        _check_keys(entry, ("dataset", "root"), "data.retrieval.", source)
+        check_keys(entry, f"{source}: data.retrieval", ("dataset", "root"))
         if set(entry) != {"dataset", "root"}:
             raise DistilleryError(f"{source}: data.retrieval needs both dataset and root")
         retrieval = RetrievalData(str(entry["dataset"]), Path(entry["root"]))
@@ -162,7 +157,7 @@ def read_suite_config(path: str | Path) -> SuiteConfig:
     """Parse and check a suite config; an unknown key anywhere is a one-line error naming the file and key."""
     path = Path(path)
     values = read_yaml(path)
-    _check_keys(values, TOP_KEYS, "", path)
+    check_keys(values, str(path), TOP_KEYS)
     models = {str(k): str(v) for k, v in _mapping(values.get("models"), "models", path).items()}
     if not models:
         raise DistilleryError(f"{path}: models is empty; give name: spec entries")
@@ -176,7 +171,7 @@ def read_suite_config(path: str | Path) -> SuiteConfig:
     if "cka" in tasks and len(models) < 2:
         raise DistilleryError(f"{path}: the cka task compares models; list at least two under models")
     settings_values = _mapping(values.get("settings") or {}, "settings", path)
-    _check_keys(settings_values, tuple(SETTINGS), "settings.", path)
+    check_keys(settings_values, f"{path}: settings", tuple(SETTINGS))
     settings = {task: settings_from_dict(task, _mapping(settings_values.get(task) or {}, f"settings.{task}", path), str(path))
                 for task in SETTINGS}
     return SuiteConfig(models, _suite_data(_mapping(values.get("data"), "data", path), path), tuple(tasks), settings,
@@ -223,7 +218,7 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
         plot_cka_heatmap(cka_result.metrics["names"], cka_result.metrics["linear"], config.out / "cka.png",
                          title=f"Linear CKA on {source_name(config.data.cka or config.data.val)}")
     columns, rows = summary_table(results, config)
-    markdown = write_text(config.out / "summary.md", summary_markdown(columns, rows, config, cka_result))
+    markdown = write_atomic(config.out / "summary.md", summary_markdown(columns, rows, config, cka_result))
     summary = write_json(config.out / "summary.json", {
         "columns": columns, "rows": rows, "models": config.models, "tasks": list(config.tasks),
         "settings": {task: dataclasses.asdict(s) for task, s in config.settings.items()},

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from distillery.config import from_mapping
 from distillery.data.shards import CLASS_LABEL, ShardSet
 from distillery.errors import DistilleryError
 from distillery.evaluate import cka, ood, retrieval
@@ -102,16 +103,7 @@ SETTINGS = {"knn": KnnSettings, "linear": LinearSettings, "retrieval": Retrieval
 
 
 def settings_from_dict(task: str, values: dict[str, Any], source: str) -> Any:
-    """A task's settings from a config mapping, naming the first unknown key."""
-    kind = SETTINGS[task]
-    known = [f.name for f in dataclasses.fields(kind)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise DistilleryError(f"{source}: unknown key settings.{task}.{unknown[0]}; known: {', '.join(known)}")
-    try:
-        return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    except TypeError as error:
-        raise DistilleryError(f"{source}: settings.{task}: {error}") from error
+    return from_mapping(SETTINGS[task], values, f"{source}: settings.{task}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from distillery.config import check_keys, read_yaml
 from distillery.errors import DistilleryError
 from distillery.experiments.metrics import TASKS, MetricPath, metric_paths
 
@@ -107,7 +108,7 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
     path = Path(name) if name.endswith(".yaml") else Path(directory) / f"{name}.yaml"
     if not path.exists():
         raise ExperimentError(f"{path}: no such experiment; known: {', '.join(experiment_names(directory))}")
-    values = _check_keys(_read_yaml(path), str(path),
+    values = _check_keys(read_yaml(path), str(path),
                          ("paper", "student", "teachers", "cache", "train", "data", "eval", "paper_results"))
     teachers = values["teachers"]
     if not isinstance(teachers, list) or not teachers or not all(isinstance(t, str) and t for t in teachers):
@@ -137,7 +138,7 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
 
 
 def load_dataset(path: Path) -> Dataset:
-    values = _check_keys(_read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval"))
+    values = _check_keys(read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval"))
     ood = values.get("ood") or {}
     if not isinstance(ood, dict):
         raise ExperimentError(f"{path}: ood: expected a mapping of set names to {{path, images}}")
@@ -149,22 +150,8 @@ def load_dataset(path: Path) -> Dataset:
                    {str(name): _split(split, f"{path}: ood: {name}") for name, split in ood.items()}, retrieval)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    from distillery.train.config import read_yaml
-
-    return read_yaml(path)
-
-
 def _check_keys(values: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ExperimentError(f"{where}: expected a mapping, got {type(values).__name__}")
-    missing = [k for k in required if k not in values]
-    if missing:
-        raise ExperimentError(f"{where}: missing key {missing[0]!r}")
-    unknown = sorted(set(values) - set(required) - set(optional))
-    if unknown:
-        raise ExperimentError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(required + optional))}")
-    return values
+    return check_keys(values, where, optional, required, error=ExperimentError)
 
 
 def _split(values: Any, where: str) -> Split:
@@ -182,7 +169,7 @@ def _view_config(view_file: str | None, path: Path):
     if not Path(view_file).is_file():
         raise ExperimentError(f"{path}: cache: view_config {view_file}: no such file")
     try:
-        return ViewConfig.from_dict(_read_yaml(Path(view_file)) or {})
+        return ViewConfig.from_dict(read_yaml(view_file), f"{path}: cache: view_config {view_file}")
     except ValueError as error:
         raise ExperimentError(f"{path}: cache: view_config {view_file}: {error}") from error
 

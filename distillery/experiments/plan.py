@@ -200,7 +200,8 @@ def _plan_training(plan: ExperimentPlan) -> tuple[ModelGeometry, float] | None:
 
     from distillery.cache.writer import pooled_grid
     from distillery.models.students import Student
-    from distillery.train.config import read_yaml, resolve
+    from distillery.config import read_yaml
+    from distillery.train.config import resolve
     from distillery.train.methods import MethodContext, TeacherInfo, create_method, method_class
 
     experiment, path = plan.experiment, plan.experiment.train

@@ -18,6 +18,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from distillery.config import ConfigError
+
 
 class ConvStemPatchEmbed(PatchEmbed):
     """timm's PatchEmbed with its projection replaced by a convolutional stem of the same total stride."""
@@ -28,7 +30,7 @@ class ConvStemPatchEmbed(PatchEmbed):
         stride = self.patch_size[0]
         steps = int(math.log2(stride))
         if self.patch_size[0] != self.patch_size[1] or 2 ** steps != stride or steps < 1:
-            raise ValueError(f"a convolutional stem needs a square power-of-two patch size, got {self.patch_size}")
+            raise ConfigError(f"a convolutional stem needs a square power-of-two patch size, got {self.patch_size}")
         layers, channels = [], in_chans
         for step in range(steps):
             width = max(16, embed_dim // 2 ** (steps - 1 - step))

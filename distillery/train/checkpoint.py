@@ -6,7 +6,6 @@ newest `keep` are kept. A corrupt file is reported in one line naming it.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from distillery.errors import DistilleryError
+from distillery.files import atomic_path
 
 FORMAT = "distillery-run/1"
 PATTERN = re.compile(r"step-(\d{8})\.pt$")
@@ -37,9 +37,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int) -> Path:
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "step": step, **state}, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        torch.save({"format": FORMAT, "step": step, **state}, partial)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink()
     return path

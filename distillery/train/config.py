@@ -1,7 +1,9 @@
 """Training configuration: a YAML file whose keys mirror `distillery train`'s options; the CLI overrides it.
 
 Method settings live under a key named after the method (`dino:`, `unic:`, ...) and are checked against
-that method's own config dataclass. The resolved config is saved in the run directory as `config.yaml`.
+that method's own config dataclass when the config is resolved, before anything is built. `--set key=value`
+changes any key, nested ones included (`--set unic.drop_prob=0.3`, `--set student_args.depth=6`). The
+resolved config is saved in the run directory as `config.yaml`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,8 @@ from typing import Any
 
 import yaml
 
-from distillery.errors import DistilleryError
-
-
-class ConfigError(DistilleryError):
-    pass
+from distillery.config import ConfigError, apply_overrides, from_mapping, read_yaml
+from distillery.train.methods import method_class, method_names
 
 
 @dataclass(frozen=True)
@@ -86,28 +85,17 @@ OPTION_NAMES = {f.name for f in fields(TrainConfig)} - {"method_config"}
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"}
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
-    return values
-
-
-def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Merge a config file's values with the command line's (CLI wins; None on the CLI means 'not given')."""
+def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "config",
+            overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """Merge a config file's values with the command line's (CLI wins; None on the CLI means 'not given'),
+    then the `--set` overrides, and check everything, the method's section included."""
     merged = dict(file_values)
     merged.update({k: v for k, v in cli_values.items() if v is not None})
+    merged = apply_overrides(merged, overrides)
     method = merged.get("method")
     if not method:
         raise ConfigError(f"{source}: no method given (--method or `method:` in the config)")
-    from distillery.train.methods import method_names
-
+    method_cls = method_class(method)
     section = merged.pop(method, None) or {}
     unknown = sorted(set(merged) - OPTION_NAMES)
     stray = [k for k in unknown if k in method_names()]
@@ -118,22 +106,8 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str
     for key in ("data", "out"):
         if not merged.get(key):
             raise ConfigError(f"{source}: no {key} given (--{key} or `{key}:` in the config)")
-    if "betas" in merged:
-        merged["betas"] = tuple(merged["betas"])
-    try:
-        return TrainConfig(**merged, method_config=section)
-    except TypeError as error:
-        raise ConfigError(f"{source}: {error}") from error
-
-
-def method_settings(config_class: type, values: dict[str, Any], method: str) -> Any:
-    """Build a method's config dataclass from its section, naming any key it does not have."""
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"`{method}:` section: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return config_class(**converted)
+    from_mapping(method_cls.config_class, section, f"{source}: `{method}:` section")
+    return from_mapping(TrainConfig, {**merged, "method_config": section}, source)
 
 
 def save(config: TrainConfig, path: str | Path) -> None:

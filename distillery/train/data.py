@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from distillery.cache.store import CacheError, CacheStore
+from distillery.config import ConfigError
 from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
 from distillery.data.views import (STREAM_CROPS, STREAM_RANDOM_VIEW, STREAM_SAMPLE_ORDER, STREAM_SHARD_ORDER,
                                    STREAM_VIEW_CHOICE, ViewConfig, counter_rng, draw_view, replay, sample_view)
@@ -60,9 +61,9 @@ class SampleSpec:
 
     def __post_init__(self) -> None:
         if self.teacher_view and self.random_view is not None:
-            raise ValueError("a sample's student view is either the teacher view or a random view")
+            raise ConfigError("a sample's student view is either the teacher view or a random view")
         if sum(c.count for c in self.crops) > MAX_CROPS_PER_EPOCH:
-            raise ValueError(f"at most {MAX_CROPS_PER_EPOCH} crops per sample")
+            raise ConfigError(f"at most {MAX_CROPS_PER_EPOCH} crops per sample")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from distillery.models.students import Student, export_local_dir, initial_student
 from distillery.train import checkpoint as ckpt
-from distillery.train.config import ConfigError, read_yaml
+from distillery.config import ConfigError, read_yaml
 
 BACKBONE_PREFIX = "student.model."
 EMA_BACKBONE_PREFIX = "module.backbone.model."

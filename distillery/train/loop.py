@@ -28,7 +28,8 @@ from distillery.errors import DistilleryError
 from distillery.models.students import Student, initial_student
 from distillery.models.teachers import create_teacher
 from distillery.train import checkpoint as ckpt
-from distillery.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, load_saved, read_yaml, resolve, save
+from distillery.config import ConfigError, read_yaml
+from distillery.train.config import RESUMABLE_CHANGES, TrainConfig, load_saved, resolve, save
 from distillery.train.data import Position, TeacherViews, TrainStream, make_loader
 from distillery.train.distributed import DistInfo, any_rank, barrier, gather_objects, init_distributed
 from distillery.train.ema import ModelEma
@@ -329,8 +330,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cli_values: dict[str, Any], config_file: str | Path | None = None, resume: bool = False,
-          device: str | None = None) -> dict[str, Any]:
-    """`distillery train`: resolve the config (file, then CLI), set up DDP if launched by torchrun, and fit."""
+          device: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`distillery train`: resolve the config (file, CLI, then `--set`), set up DDP if launched by torchrun, and fit."""
+    if resume and overrides:
+        raise ConfigError("--resume continues a run with its saved config; --set would change it")
     if resume:
         out = cli_values.get("out") or (read_yaml(config_file).get("out") if config_file else None)
         if not out:
@@ -343,7 +346,8 @@ def train(cli_values: dict[str, Any], config_file: str | Path | None = None, res
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
         config = dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE_CHANGES})
     else:
-        config = resolve(read_yaml(config_file) if config_file else {}, cli_values, str(config_file or "command line"))
+        config = resolve(read_yaml(config_file) if config_file else {}, cli_values, str(config_file or "command line"),
+                         overrides)
         if ckpt.list_checkpoints(config.out):
             raise ConfigError(f"{config.out} already holds a run; use --resume to continue it, or another --out")
     dist = init_distributed(device)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from distillery.config import from_mapping
 from distillery.errors import DistilleryError
 from distillery.train.data import SampleSpec
 
@@ -113,7 +114,5 @@ def method_class(name: str) -> type[Method]:
 
 def create_method(name: str, settings: dict[str, Any], context: MethodContext) -> Method:
     """The one door to a method: its class by name, its config section checked against its dataclass."""
-    from distillery.train.config import method_settings
-
     cls = method_class(name)
-    return cls(method_settings(cls.config_class, settings, name), context)
+    return cls(from_mapping(cls.config_class, settings, f"`{name}:` section"), context)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from distillery.train.config import method_settings
+from distillery.config import ConfigError, from_mapping
 from distillery.train.data import SampleSpec
 from distillery.train.methods import Method, MethodContext, register_method
 from distillery.train.methods.dino import DinoConfig, DinoObjective
@@ -35,7 +35,8 @@ class SefaConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.ssl_weight <= 1:
-            raise ValueError(f"sefa ssl_weight (λ) must be in [0, 1], got {self.ssl_weight}")
+            raise ConfigError(f"sefa ssl_weight (λ) must be in [0, 1], got {self.ssl_weight}")
+        from_mapping(DinoConfig, self.dino, "dino")  # checked with the rest of the section, before anything is built
 
 
 class DistillHead(nn.Module):
@@ -67,7 +68,7 @@ class Sefa(Method):
 
     def __init__(self, config: SefaConfig, context: MethodContext):
         super().__init__(config, context)
-        self.objective = DinoObjective(method_settings(DinoConfig, config.dino, "sefa.dino"), context)
+        self.objective = DinoObjective(from_mapping(DinoConfig, config.dino, "`sefa:` section: dino"), context)
         parts = ("cls",) if config.cls_only else ("cls", "patch")
         # In teacher order, not keyed by name: timm names hold dots, which module names cannot.
         self.heads = nn.ModuleList(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillery.config import ConfigError
 from distillery.train.data import SampleSpec
 from distillery.train.distributed import rank
 from distillery.train.methods import Method, MethodContext, register_method
@@ -37,7 +38,7 @@ class UnicConfig:
 
     def __post_init__(self) -> None:
         if self.head not in ("mlp", "ladder"):
-            raise ValueError(f"unic head must be 'mlp' or 'ladder', got {self.head!r}")
+            raise ConfigError(f"unic head must be 'mlp' or 'ladder', got {self.head!r}")
 
 
 def token_loss(prediction: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.5,

@@ -1,0 +1,58 @@
+"""The error contract: bad user input is one line naming the file or option and the problem, exit status 2,
+and a train config is checked whole before any model, teacher or statistics pass is built."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from distillery import cli
+
+
+def run_cli(argv, monkeypatch, capsys) -> tuple[int, list[str]]:
+    monkeypatch.setattr(sys, "argv", ["distillery", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def _write(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypatch, capsys):
+    # method errors must come before anything is built: teachers that do not exist are never reached
+    never_built = ["--teacher", "local-dir:/nowhere", "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r")]
+    cases = {
+        "--size must be at least 16 px, got 8": ["data", "synth", "--out", str(tmp_path / "s"), "--size", "8"],
+        "v.yaml: unknown key 'bogus'": ["cache-teachers", "--data", str(tiny_synth / "train"), "--teacher", "x",
+                                        "--out", str(tmp_path / "c.zarr"),
+                                        "--view-config", _write(tmp_path / "v.yaml", {"bogus": 1})],
+        "`unic:` section: unic head must be 'mlp' or 'ladder', got 'foo'":
+            ["train", "--config", _write(tmp_path / "u.yaml", {"method": "unic", "unic": {"head": "foo"}}), *never_built],
+        "`sefa:` section: dino: unknown key 'out_dimm'":
+            ["train", "--config", _write(tmp_path / "s.yaml", {"method": "sefa", "sefa": {"dino": {"out_dimm": 3}}}),
+             *never_built],
+        "`tintem:` section: unknown key 'temperaturez'":
+            ["train", "--method", "tintem", "--set", "tintem.temperaturez=[0.1]", *never_built],
+        "--set 'epochs': expected KEY=VALUE": ["train", "--method", "unic", "--set", "epochs", *never_built],
+        "flip_p must be a probability, got 2": ["cache-teachers", "--data", str(tiny_synth / "train"), "--teacher", "x",
+                                                "--out", str(tmp_path / "c.zarr"),
+                                                "--view-config", _write(tmp_path / "p.yaml", {"flip_p": 2})],
+    }
+    for message, argv in cases.items():
+        code, lines = run_cli(argv, monkeypatch, capsys)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
+        assert lines[0].startswith("error: ")
+
+
+def test_set_reaches_nested_keys_and_the_method_section():
+    from distillery.train.config import resolve
+
+    config = resolve({"method": "unic", "student_args": {"depth": 4}}, {"data": "d", "out": "o"}, "test",
+                     ("student_args.depth=6", "unic.drop_prob=0.3", "betas=[0.9, 0.95]", "lr=1e-3"))
+    assert config.student_args == {"depth": 6} and config.method_config == {"drop_prob": 0.3}
+    assert config.betas == (0.9, 0.95) and config.lr == 1e-3
