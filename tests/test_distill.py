@@ -12,13 +12,15 @@ from distillery.models.teachers import Tokens
 from distillery.train.config import TrainConfig
 from distillery.train.distributed import DistInfo
 from distillery.train.loop import Trainer
-from distillery.train.methods import MethodContext, TeacherInfo, create_method
+from distillery.train.methods import MethodContext, TeacherInfo, create_method, method_class, method_names
+from distillery.train.methods.losses import cls_token_loss, patch_token_loss
 from distillery.train.methods.tintem import PAPER_TEMPERATURES, combine_teachers, sne_kl
-from distillery.train.methods.unic import teacher_coefficients, token_loss
+from distillery.train.methods.unic import teacher_coefficients
 from distillery.train.targets import resize_patch_grid
-from tests.conftest import TINY_DINO, TINY_STUDENT
+from tests.conftest import TINY_DINO, TINY_STUDENT, TINY_SUPERVISED
 
-METHOD_SETTINGS = {"unic": {"mlp_hidden_dim": 64}, "sefa": {"head_hidden_dim": 64, "dino": TINY_DINO}, "tintem": {}}
+METHOD_SETTINGS = {"unic": {"mlp_hidden_dim": 64}, "sefa": {"head_hidden_dim": 64, "dino": TINY_DINO}, "tintem": {},
+                   "dino": TINY_DINO, "supervised": TINY_SUPERVISED}
 
 
 # ------------------------------------------------------------------ losses on fixed tensors
@@ -35,8 +37,8 @@ def test_unic_token_loss_matches_a_hand_computation():
     for p, t in zip(prediction[0].tolist(), target[0].tolist()):
         cos = sum(a * b for a, b in zip(p, t)) / (math.sqrt(sum(a * a for a in p)) * math.sqrt(sum(b * b for b in t)))
         expected.append(0.5 * (1 - cos) + 0.5 * sum(smooth_l1(a, b) for a, b in zip(p, t)) / 3)
-    assert token_loss(prediction, target).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert token_loss(prediction[:, 0], target[:, 0]).item() == pytest.approx(expected[0], rel=1e-6)  # CLS: [B, D]
+    assert patch_token_loss(prediction, target).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert cls_token_loss(prediction[:, 0], target[:, 0]).item() == pytest.approx(expected[0], rel=1e-6)  # CLS: [B, D]
 
 
 def test_teacher_dropping_keeps_the_worst_teacher_and_normalises_globally():
@@ -151,9 +153,22 @@ def test_patch_grids_are_resized_bilinearly_to_the_students():
 def _config(tiny_synth, out, method, **overrides) -> TrainConfig:
     values = dict(method=method, data=str(tiny_synth / "train"), out=str(out), student_args=TINY_STUDENT, epochs=30,
                   max_steps=40, batch_size=32, lr=3e-3, warmup_epochs=0, workers=0, log_every=1, seed=0,
-                  method_config=METHOD_SETTINGS[method])
+                  method_config=METHOD_SETTINGS.get(method, {}))
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_takes_a_training_step(tiny_synth, tiny_cache, tmp_path, method):
+    """One forward, backward and optimizer step of each registered method on the tiny student, the way timm
+    tests every model it lists: a method is tested the day it registers."""
+    teachers = {"cache": str(tiny_cache)} if method_class(method).uses_teachers else {}
+    trainer = Trainer(_config(tiny_synth, tmp_path / method, method, max_steps=1, **teachers), DistInfo())
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    losses = trainer.train_step(next(iter(trainer.loader)), 0)
+    assert torch.isfinite(losses["loss"]) and losses["loss"].requires_grad
+    changed = [k for k, v in trainer.student.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2, f"{method}: the step moved only {changed}"
 
 
 @pytest.mark.parametrize("method", ["unic", "sefa", "tintem"])

@@ -160,7 +160,8 @@ class Trainer:
             student_dim=self.student.embed_dim, student_grid=self.student.grid,
             student_size=self.student.preprocessing.input_size, student_depth=self.student.depth,
             teachers=self.teachers.infos, label_classes=shard_set.label_sizes(),
-            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, seed=config.seed)
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, seed=config.seed,
+            rank=dist.rank)
         self.method = create_method(config.method, config.method_config, context)
         self.module = TrainModule(self.student, self.method).to(device)
         heads = self.method.ema_heads()

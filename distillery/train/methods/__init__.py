@@ -54,6 +54,7 @@ class MethodContext:
     total_steps: int
     steps_per_epoch: int
     seed: int
+    rank: int = 0  # this process's rank: per-rank randomness (UNIC's teacher dropping) differs across ranks
 
 
 class Method(nn.Module, abc.ABC):

@@ -13,17 +13,22 @@ local crops at (0.05, 0.4) and 96/224 of the global size, and DINO's photometric
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillery.config import check_keys
 from distillery.data.views import ViewConfig
 from distillery.train.data import CropSpec, SampleSpec
 from distillery.train.distributed import all_reduce_mean
 from distillery.train.methods import Method, MethodContext, register_method
+from distillery.train.methods.heads import MLP
 from distillery.train.schedules import warmup_constant, warmup_cosine
+
+
+COLOUR_KEYS = ("jitter_p", "brightness", "contrast", "saturation", "hue", "grayscale_p")
 
 
 @dataclass(frozen=True)
@@ -36,14 +41,10 @@ class DinoConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_size: int | None = None  # None: 96/224 of the student's input size, in whole patches
-    # Colour augmentation (main_dino.py: ColorJitter(0.4, 0.4, 0.2, 0.1) at p=0.8, grayscale p=0.2). Data where
-    # an image's colours identify it (the embedded synth set) needs more, or DINO learns colour instead of shape.
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
+    # Colour augmentation of every crop, as ViewConfig settings (its defaults are main_dino.py's: ColorJitter(0.4,
+    # 0.4, 0.2, 0.1) at p=0.8, grayscale p=0.2). Data where an image's colours identify it (the embedded synth
+    # set) needs more, or DINO learns colour instead of shape.
+    colour: dict = field(default_factory=dict)
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
@@ -52,6 +53,9 @@ class DinoConfig:
     momentum_teacher: float = 0.996  # raise towards 0.9995 with small batches (dino issue #104)
     freeze_last_layer_epochs: float = 1
 
+    def __post_init__(self) -> None:
+        check_keys(self.colour, "dino colour", COLOUR_KEYS)
+
 
 class DinoHead(nn.Module):
     """3-layer MLP, L2 normalisation, then a weight-normalised linear layer (DINO's head)."""
@@ -59,12 +63,7 @@ class DinoHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+        self.mlp = MLP(in_dim, hidden_dim, bottleneck_dim, layers=3)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         magnitude = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
@@ -107,14 +106,12 @@ class DinoObjective(nn.Module):
                              config.norm_last_layer)
         self.register_buffer("center", torch.zeros(config.out_dim))
         self._pending_center: torch.Tensor | None = None
-        self.diagnostics: dict[str, torch.Tensor] = {}
 
     def crop_specs(self) -> tuple[CropSpec, ...]:
         c, size = self.config, self.context.student_size
         patch = size[0] // self.context.student_grid[0]
         local = c.local_size or max(patch, round(size[0] * 96 / 224 / patch) * patch)
-        base = dict(flip_p=0.5, jitter_p=c.jitter_p, brightness=c.brightness, contrast=c.contrast, saturation=c.saturation,
-                    hue=c.hue, grayscale_p=c.grayscale_p, blur_sigma=(0.1, 2.0))
+        base = dict(flip_p=0.5, blur_sigma=(0.1, 2.0), **c.colour)
         global_1 = ViewConfig(scale=c.global_scale, blur_p=1.0, solarize_p=0.0, **base)
         global_2 = ViewConfig(scale=c.global_scale, blur_p=0.1, solarize_p=0.2, **base)
         local_view = ViewConfig(scale=c.local_scale, blur_p=0.5, solarize_p=0.0, **base)
@@ -131,7 +128,8 @@ class DinoObjective(nn.Module):
     def ema_momentum(self, step: int) -> float:
         return warmup_cosine(step, self.context.total_steps, self.config.momentum_teacher, 1.0)
 
-    def forward(self, student: nn.Module, batch: dict, step: int, ema: nn.Module) -> torch.Tensor:
+    def forward(self, student: nn.Module, batch: dict, step: int, ema: nn.Module) -> tuple[torch.Tensor, dict]:
+        """The DINO loss and its collapse diagnostics."""
         globals_ = _crop_major(batch["crops/global"])
         student_cls = [student(globals_).cls]
         if "crops/local" in batch:
@@ -146,8 +144,7 @@ class DinoObjective(nn.Module):
         # log(out_dim), dimension collapse drives it to 0; the KL is what the student still has to learn.
         probs = F.softmax((teacher_out.detach() - self.center) / self.teacher_temp(step), dim=-1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        self.diagnostics = {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
-        return loss
+        return loss, {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
 
     def before_optimizer_step(self, step: int) -> None:
         if step < self.config.freeze_last_layer_epochs * self.context.steps_per_epoch:
@@ -166,21 +163,11 @@ def _crop_major(crops: torch.Tensor) -> torch.Tensor:
     return crops.transpose(0, 1).reshape(-1, *crops.shape[2:])
 
 
-@register_method
-class Dino(Method):
-    name = "dino"
-    config_class = DinoConfig
+class DinoHooks:
+    """The training hooks of a method whose self-supervised part is a DinoObjective in `self.objective`
+    (dino, and SeFA's SSL half): the EMA teacher of the backbone and head, the frozen last layer, the centre."""
 
-    def __init__(self, config: DinoConfig, context: MethodContext):
-        super().__init__(config, context)
-        self.objective = DinoObjective(config, context)
-
-    def sample_spec(self) -> SampleSpec:
-        return SampleSpec(crops=self.objective.crop_specs())
-
-    def forward(self, student, batch, step, ema):
-        loss = self.objective(student, batch, step, ema)
-        return {"loss": loss, "dino": loss.detach(), **self.objective.diagnostics}
+    objective: DinoObjective
 
     def ema_heads(self) -> dict[str, nn.Module]:
         return {"head": self.objective.head}
@@ -193,3 +180,20 @@ class Dino(Method):
 
     def after_step(self, step: int) -> None:
         self.objective.after_step(step)
+
+
+@register_method
+class Dino(DinoHooks, Method):
+    name = "dino"
+    config_class = DinoConfig
+
+    def __init__(self, config: DinoConfig, context: MethodContext):
+        super().__init__(config, context)
+        self.objective = DinoObjective(config, context)
+
+    def sample_spec(self) -> SampleSpec:
+        return SampleSpec(crops=self.objective.crop_specs())
+
+    def forward(self, student, batch, step, ema):
+        loss, metrics = self.objective(student, batch, step, ema)
+        return {"loss": loss, "dino": loss.detach(), **metrics}

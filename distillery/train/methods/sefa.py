@@ -21,8 +21,9 @@ from torch import nn
 from distillery.config import ConfigError, from_mapping
 from distillery.train.data import SampleSpec
 from distillery.train.methods import Method, MethodContext, register_method
-from distillery.train.methods.dino import DinoConfig, DinoObjective
-from distillery.train.methods.unic import token_loss
+from distillery.train.methods.dino import DinoConfig, DinoHooks, DinoObjective
+from distillery.train.methods.heads import MLP
+from distillery.train.methods.losses import TOKEN_LOSSES
 
 
 @dataclass(frozen=True)
@@ -39,28 +40,12 @@ class SefaConfig:
         from_mapping(DinoConfig, self.dino, "dino")  # checked with the rest of the section, before anything is built
 
 
-class DistillHead(nn.Module):
-    """A DINO-head-like MLP (Linear-GELU-Linear-GELU-Linear) from the student's width to a teacher's."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, out_dim))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def sefa_loss(ssl_loss: torch.Tensor, distill_loss: torch.Tensor, ssl_weight: float) -> torch.Tensor:
     return ssl_weight * ssl_loss + (1 - ssl_weight) * distill_loss
 
 
 @register_method
-class Sefa(Method):
+class Sefa(DinoHooks, Method):
     name = "sefa"
     config_class = SefaConfig
     uses_teachers = True
@@ -72,7 +57,7 @@ class Sefa(Method):
         parts = ("cls",) if config.cls_only else ("cls", "patch")
         # In teacher order, not keyed by name: timm names hold dots, which module names cannot.
         self.heads = nn.ModuleList(
-            nn.ModuleDict({p: DistillHead(context.student_dim, config.head_hidden_dim, t.dim) for p in parts})
+            nn.ModuleDict({p: MLP(context.student_dim, config.head_hidden_dim, t.dim, layers=3) for p in parts})
             for t in context.teachers)
 
     def sample_spec(self) -> SampleSpec:
@@ -85,8 +70,8 @@ class Sefa(Method):
         for teacher, heads in zip(self.context.teachers, self.heads):
             name = teacher.name
             target = batch["targets"][name]
-            per_part = [token_loss(head(tokens[part]).float(), getattr(target, part), self.config.alpha, 1 - self.config.alpha)
-                        for part, head in heads.items()]
+            per_part = [TOKEN_LOSSES[part](head(tokens[part]).float(), getattr(target, part), self.config.alpha,
+                                           1 - self.config.alpha) for part, head in heads.items()]
             similarity = torch.stack(per_part).mean(0).mean()
             metrics[f"loss/{name}"] = similarity.detach()
             total = total + similarity
@@ -94,18 +79,6 @@ class Sefa(Method):
 
     def forward(self, student, batch, step, ema):
         distill, metrics = self.distill_loss(student, batch)
-        ssl = self.objective(student, batch, step, ema)
+        ssl, ssl_metrics = self.objective(student, batch, step, ema)
         loss = sefa_loss(ssl, distill, self.config.ssl_weight)
-        return {"loss": loss, "dino": ssl.detach(), "distill": distill.detach(), **metrics, **self.objective.diagnostics}
-
-    def ema_heads(self) -> dict[str, nn.Module]:
-        return {"head": self.objective.head}
-
-    def ema_momentum(self, step: int) -> float:
-        return self.objective.ema_momentum(step)
-
-    def before_optimizer_step(self, step: int) -> None:
-        self.objective.before_optimizer_step(step)
-
-    def after_step(self, step: int) -> None:
-        self.objective.after_step(step)
+        return {"loss": loss, "dino": ssl.detach(), "distill": distill.detach(), **metrics, **ssl_metrics}

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distillery.config import ConfigError
 from distillery.train.data import SampleSpec
-from distillery.train.distributed import rank
 from distillery.train.methods import Method, MethodContext, register_method
+from distillery.train.methods.heads import MLP
+from distillery.train.methods.losses import cls_token_loss, patch_token_loss
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,6 @@ class UnicConfig:
             raise ConfigError(f"unic head must be 'mlp' or 'ladder', got {self.head!r}")
 
 
-def token_loss(prediction: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.5,
-               smooth_l1_weight: float = 0.5) -> torch.Tensor:
-    """Per-image loss: `cos_weight * (1 - cos) + smooth_l1_weight * smoothL1(beta=1)` averaged over
-    dimensions, then over tokens. `prediction`, `target`: [B, D] (CLS) or [B, T, D] (patches) -> [B]."""
-    cos = 1 - F.cosine_similarity(prediction, target, dim=-1)
-    smooth_l1 = F.smooth_l1_loss(prediction, target, beta=1.0, reduction="none").mean(-1)
-    loss = cos_weight * cos + smooth_l1_weight * smooth_l1
-    return loss.mean(-1) if loss.ndim == 2 else loss
-
-
 def teacher_coefficients(losses: torch.Tensor, drop_prob: float, generator: torch.Generator) -> torch.Tensor:
     """UNIC's teacher dropping. `losses` [n_teachers, B] -> detached coefficients [n_teachers, B] summing to 1:
     the highest-loss teacher of each image is kept, every other is kept with probability 1 - drop_prob."""
@@ -60,27 +50,13 @@ def teacher_coefficients(losses: torch.Tensor, drop_prob: float, generator: torc
     return (coefficients / coefficients.sum()).detach()
 
 
-class MLPHead(nn.Module):
-    """Linear-GELU-Linear from the student's width to a teacher's."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-        for layer in (self.net[0], self.net[2]):
-            nn.init.trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class LadderHead(nn.Module):
     """UNIC's ladder of projectors: one MLP per student block, applied to that block's tokens, summed."""
 
     def __init__(self, in_dim: int, depth: int, hidden_dim: int, last_hidden_dim: int, out_dim: int):
         super().__init__()
         self.projectors = nn.ModuleList(
-            MLPHead(in_dim, last_hidden_dim if i == depth - 1 else hidden_dim, out_dim) for i in range(depth))
+            MLP(in_dim, last_hidden_dim if i == depth - 1 else hidden_dim, out_dim) for i in range(depth))
 
     def forward(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([projector(x) for projector, x in zip(self.projectors, blocks)]).sum(0)
@@ -100,7 +76,7 @@ class Unic(Method):
         def head(out_dim: int) -> nn.Module:
             if config.head == "ladder":
                 return LadderHead(d, depth, config.ladder_hidden_dim, config.ladder_last_hidden_dim, out_dim)
-            return MLPHead(d, config.mlp_hidden_dim, out_dim)
+            return MLP(d, config.mlp_hidden_dim, out_dim)
 
         # In teacher order, not keyed by name: timm names hold dots, which module names cannot.
         self.heads = nn.ModuleList(nn.ModuleDict({"cls": head(t.dim), "patch": head(t.dim)}) for t in context.teachers)
@@ -119,11 +95,12 @@ class Unic(Method):
         names = [t.name for t in self.context.teachers]
         for name, heads in zip(names, self.heads):
             target = batch["targets"][name]
-            cls_loss = token_loss(heads["cls"](inputs["cls"]).float(), target.cls, c.cos_weight, c.smooth_l1_weight)
-            patch_loss = token_loss(heads["patch"](inputs["patch"]).float(), target.patch, c.cos_weight, c.smooth_l1_weight)
+            cls_loss = cls_token_loss(heads["cls"](inputs["cls"]).float(), target.cls, c.cos_weight, c.smooth_l1_weight)
+            patch_loss = patch_token_loss(heads["patch"](inputs["patch"]).float(), target.patch, c.cos_weight,
+                                          c.smooth_l1_weight)
             per_teacher.append((cls_loss + patch_loss) / 2)
         losses = torch.stack(per_teacher)  # [n_teachers, B]
-        generator = torch.Generator().manual_seed(self.context.seed * 1_000_003 + step * 1009 + rank())
+        generator = torch.Generator().manual_seed(self.context.seed * 1_000_003 + step * 1009 + self.context.rank)
         coefficients = teacher_coefficients(losses, c.drop_prob, generator)
         metrics = {f"loss/{name}": losses[i].detach().mean() for i, name in enumerate(names)}
         metrics |= {f"kept/{name}": (coefficients[i] > 0).float().mean() for i, name in enumerate(names)}
