@@ -1,3 +1,4 @@
+import functools
 import io
 import json
 import subprocess
@@ -9,7 +10,8 @@ import torch
 from PIL import Image
 
 from distillery.data.imagefolder import convert_image_folder
-from distillery.data.shards import ShardError, ShardImages, ShardSet, ShardWriter, describe
+from distillery.data.pipeline import ShardStream, decode, shard_records
+from distillery.data.shards import ShardError, ShardSet, ShardWriter, describe
 
 
 def _jpeg(colour, size=(40, 30)):
@@ -73,12 +75,19 @@ def test_failed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _decoded_keys(shard_set, rank, world_size, worker, num_workers):
+    shards = shard_set.assigned_shards(rank, world_size, worker, num_workers)
+    for decoded in decode(shard_records(shard_set, shards)):
+        assert decoded.error is None and decoded.image.size == (32, 32)
+        yield decoded.item.record.index, decoded.item.record.key
+
+
 def test_reader_split_over_ranks_and_workers_covers_every_sample_once(synth_dir):
     shard_set = ShardSet.open(synth_dir / "train")
     seen = []
     for rank in range(2):
-        loader = torch.utils.data.DataLoader(ShardImages(shard_set, rank=rank, world_size=2), batch_size=None,
-                                             num_workers=2, collate_fn=lambda s: (s.index, s.key))
+        loader = torch.utils.data.DataLoader(ShardStream(functools.partial(_decoded_keys, shard_set, rank, 2)),
+                                             batch_size=None, num_workers=2)
         seen += list(loader)
     indices = sorted(i for i, _ in seen)
     assert indices == list(range(shard_set.num_samples))

@@ -97,7 +97,7 @@ def test_two_process_ddp_agrees_with_one_process_on_the_global_batch(tiny_synth,
 
     config = _config(tiny_synth, tmp_path / "single", "dino", epochs=10, max_steps=1, batch_size=32)
     single = Trainer(config, DistInfo())
-    halves = [next(iter(TrainStream(single.loader.dataset.shard_set, single.method.sample_spec(), (32, 32), 16, 0,
+    halves = [next(iter(TrainStream(single.loader.dataset.source.shard_set, single.method.sample_spec(), (32, 32), 16, 0,
                                     rank=rank, world_size=2, num_workers=1))) for rank in (0, 1)]
     global_batch = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0] if isinstance(halves[0][k], torch.Tensor)}
     single.train_step(global_batch, 0)

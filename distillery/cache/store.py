@@ -63,13 +63,18 @@ def encode(features: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray |
     raise CacheError(f"unknown cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
-def decode(values: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
-    """Stored values to float32 (the inverse of `encode`, up to its rounding)."""
-    if dtype == "float16":
-        return torch.from_numpy(np.asarray(values)).float()
+def decode(values: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor | None, dtype: str) -> torch.Tensor:
+    """Stored values to float32 (the inverse of `encode`, up to its rounding): arrays as read from the store,
+    or the same values as tensors, e.g. a training batch that crossed to the GPU in its stored dtype."""
+    if not isinstance(values, torch.Tensor):
+        values = np.asarray(values)
+        values = torch.from_numpy(values.view(np.int16) if dtype == "bfloat16" else values)
+        scale = None if scale is None else torch.from_numpy(np.asarray(scale))
     if dtype == "bfloat16":
-        return torch.from_numpy(np.asarray(values).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.asarray(values)).float() * torch.from_numpy(np.asarray(scale)).float().unsqueeze(-1)
+        return values.view(torch.bfloat16).float()
+    if dtype == "int8":
+        return values.float() * scale.float().unsqueeze(-1)
+    return values.float()
 
 
 def storage_tolerance(dtype: str) -> float:

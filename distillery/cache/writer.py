@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from distillery.cache.stats import Moments
 from distillery.cache.store import (DTYPES, MANIFEST, CacheError, CacheStore, SideFiles, as_json, decode, encode,
                                     identity_differences)
 from distillery.console import console, progress_bar
+from distillery.data.pipeline import shard_loader, shard_records, shards_for
 from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
 from distillery.data.views import NUM_PARAMS, ViewConfig, draw_view, normalize, replay
 from distillery.models.teachers import Teacher, create_teacher
@@ -98,18 +100,12 @@ class ViewedImage(NamedTuple):
     seconds: float
 
 
-class ViewedImages(torch.utils.data.IterableDataset):
-    """Whole shards, each image decoded once and rendered at every teacher input size for each of its views."""
-
-    def __init__(self, shard_set: ShardSet, shard_ids: list[int], config: CacheConfig, sizes: list[tuple[int, int]]):
-        self.shard_set, self.shard_ids, self.config, self.sizes = shard_set, shard_ids, config, sizes
-
-    def __iter__(self) -> Iterator[ViewedImage]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for shard_id in self.shard_ids[worker::num_workers]:
-            for position, record in enumerate(self.shard_set.records(shard_id)):
-                yield view_image(record, shard_id, position, self.config, self.sizes)
+def viewed_images(shard_set: ShardSet, shard_ids: list[int], config: CacheConfig, sizes: list[tuple[int, int]],
+                  worker: int, num_workers: int) -> Iterator[ViewedImage]:
+    """The cache writer's pipeline source: whole shards, each image decoded once and rendered at every
+    teacher input size for each of its views."""
+    for item in shard_records(shard_set, shards_for(shard_ids, worker, num_workers)):
+        yield view_image(item.record, item.shard_id, item.position, config, sizes)
 
 
 def view_image(record, shard_id: int, position: int, config: CacheConfig, sizes: list[tuple[int, int]]) -> ViewedImage:
@@ -123,10 +119,6 @@ def view_image(record, shard_id: int, position: int, config: CacheConfig, sizes:
                        for v in range(config.views)])
     pixels = {size: torch.stack([replay(image, p, size) for p in params]) for size in sizes}
     return ViewedImage(shard_id, position, record.index, record.key, None, params, pixels, time.perf_counter() - start)
-
-
-def _as_is(item):
-    return item
 
 
 # ------------------------------------------------------------------------------ one shard's buffers (main process)
@@ -285,9 +277,7 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
     done = store.completed_shards()
     todo = [j for j in shard_set.assigned_shards(rank, world_size) if j not in done]
     sizes = sorted({t.preprocessing.input_size for t in teachers})
-    dataset = ViewedImages(shard_set, todo, config, sizes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.workers, collate_fn=_as_is,
-                                         prefetch_factor=8 if config.workers else None)
+    loader = shard_loader(partial(viewed_images, shard_set, todo, config, sizes), config.workers, prefetch_factor=8)
     timings = {"decode": 0.0, "forward": 0.0, "write": 0.0}
     images = 0
     buffers: dict[int, ShardBuffer] = {}

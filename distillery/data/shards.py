@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -60,13 +59,6 @@ class Record(NamedTuple):
     label: int | None
     meta: dict[str, Any]
     shard: str
-
-
-class Sample(NamedTuple):
-    index: int
-    key: str
-    image: Image.Image
-    label: int | None
 
 
 def keys_sha256(keys: Iterable[str]) -> str:
@@ -214,30 +206,6 @@ def _record(sample: dict[str, Any], index: int, shard: str) -> Record:
     label = int(sample["cls"].decode()) if "cls" in sample else None
     meta = json.loads(sample["json"]) if "json" in sample else {}
     return Record(index, sample["__key__"], image_bytes, label, meta, shard)
-
-
-class ShardImages(torch.utils.data.IterableDataset):
-    """Decoded samples of a shard set, split by whole shards across ranks and DataLoader workers.
-
-    Undecodable images are skipped and counted (`skipped` in each worker); every other sample is yielded
-    exactly once over all (rank, worker) slots.
-    """
-
-    def __init__(self, shard_set: ShardSet, rank: int = 0, world_size: int = 1):
-        self.shard_set, self.rank, self.world_size = shard_set, rank, world_size
-        self.skipped: list[str] = []
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for shard_id in self.shard_set.assigned_shards(self.rank, self.world_size, worker, num_workers):
-            for record in self.shard_set.records(shard_id):
-                try:
-                    image = decode_image(record.image_bytes, f"{record.shard}:{record.key}")
-                except ImageDecodeError as error:
-                    self.skipped.append(str(error))
-                    continue
-                yield Sample(record.index, record.key, image, record.label)
 
 
 class ShardWriter:

@@ -27,7 +27,9 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -37,12 +39,13 @@ from PIL import Image
 
 from distillery.console import console, progress_bar
 from distillery.data.imagefolder import find_classes
+from distillery.data.pipeline import ShardStream, decode, shard_records
 from distillery.data.shards import INDEX_FILE, ShardSet, decode_image
 from distillery.data.views import eval_view, normalize, replay
 from distillery.errors import DistilleryError
-from distillery.files import atomic_path
 from distillery.evaluate.knn import l2_normalize
 from distillery.evaluate.retrieval import crop_box
+from distillery.files import atomic_path
 from distillery.models.teachers import Preprocessing, Teacher, create_teacher
 
 FORMAT = "distillery-features/1"
@@ -190,20 +193,21 @@ class ShardSource:
         return {"kind": "shards", **self.shard_set.fingerprint()}
 
     def dataset(self, transform: Transform) -> torch.utils.data.Dataset:
-        return _ShardImages(self.shard_set, transform)
+        return ShardStream(partial(_shard_items, self.shard_set, transform))
 
 
-class _ShardImages(torch.utils.data.IterableDataset):
-    def __init__(self, shard_set: ShardSet, transform: Transform):
-        self.shard_set, self.transform = shard_set, transform
+def _shard_items(shard_set: ShardSet, transform: Transform, worker: int, num_workers: int) -> Iterator[_Item]:
+    """Feature extraction's pipeline source: every image of the worker's shards, rendered by `transform`."""
+    shards = shard_set.assigned_shards(worker=worker, num_workers=num_workers)
+    for decoded in decode(shard_records(shard_set, shards), name=partial(_sample_name, shard_set.root)):
+        if decoded.error is not None:
+            raise decoded.error
+        record = decoded.item.record
+        yield _Item(record.index, record.key, record.label, transform.render(decoded.image))
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for shard_id in self.shard_set.assigned_shards(worker=worker, num_workers=num_workers):
-            for record in self.shard_set.records(shard_id):
-                image = decode_image(record.image_bytes, f"{self.shard_set.root / record.shard}:{record.key}")
-                yield _Item(record.index, record.key, record.label, self.transform.render(image))
+
+def _sample_name(root: Path, record) -> str:
+    return f"{root / record.shard}:{record.key}"
 
 
 @dataclass(frozen=True)

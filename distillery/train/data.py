@@ -34,6 +34,7 @@ import torch
 
 from distillery.cache.store import CacheError, CacheStore
 from distillery.config import ConfigError
+from distillery.data.pipeline import shard_loader
 from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
 from distillery.data.views import (STREAM_CROPS, STREAM_RANDOM_VIEW, STREAM_SAMPLE_ORDER, STREAM_SHARD_ORDER,
                                    STREAM_VIEW_CHOICE, ViewConfig, counter_rng, draw_view, replay, sample_view)
@@ -87,7 +88,10 @@ class Position(NamedTuple):
 
 
 @dataclass
-class TrainStream(torch.utils.data.IterableDataset):
+class TrainStream:
+    """The training pipeline's source: call it as (DataLoader worker, workers) for that worker's batches
+    (`make_loader`), or iterate it for stream 0 in this process."""
+
     shard_set: ShardSet
     spec: SampleSpec
     student_size: tuple[int, int]
@@ -121,12 +125,14 @@ class TrainStream(torch.utils.data.IterableDataset):
         return (epoch + offset) % self.teacher_views.num_views
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        if info is not None and info.num_workers != self.num_workers:
-            raise DistilleryError(f"stream built for {self.num_workers} workers runs in {info.num_workers}")
+        return self(0, 1)
+
+    def __call__(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        if num_workers > 1 and num_workers != self.num_workers:
+            raise DistilleryError(f"stream built for {self.num_workers} workers runs in {num_workers}")
         # A DataLoader hands out batches from its workers in turn, starting with worker 0; after a resume at
         # batch k the next batch is due from stream k % W, so the workers take up the streams shifted by k.
-        stream = ((info.id if info else 0) + self.first_batch) % self.num_workers
+        stream = (worker + self.first_batch) % self.num_workers
         buffer: list[dict[str, Any]] = []
         for sample, position in self._samples(stream, self.start[stream] if self.start else Position()):
             buffer.append(sample)
@@ -231,14 +237,8 @@ def collate(samples: list[dict[str, Any]], stream: int, position: Position) -> d
     return batch
 
 
-def _as_is(batch):
-    return batch
-
-
 def make_loader(stream: TrainStream, processes: int, seed: int) -> torch.utils.data.DataLoader:
     """`processes` DataLoader workers (0: in this process); they take turns, so batch k is stream k mod W's."""
     if max(1, processes) != stream.num_workers:
         raise DistilleryError(f"stream split for {stream.num_workers} workers, loader given {processes}")
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=processes, collate_fn=_as_is,
-                                       prefetch_factor=4 if processes else None,
-                                       generator=torch.Generator().manual_seed(seed))
+    return shard_loader(stream, processes, prefetch_factor=4, seed=seed)

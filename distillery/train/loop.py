@@ -23,7 +23,7 @@ from torch import nn
 from distillery.cache.store import CacheError, CacheStore
 from distillery.console import console, progress_bar
 from distillery.data.shards import ShardSet
-from distillery.data.views import ViewConfig
+from distillery.data.views import ViewConfig, normalize
 from distillery.errors import DistilleryError
 from distillery.models.students import Student, initial_student
 from distillery.models.teachers import create_teacher
@@ -127,16 +127,12 @@ def _chosen_teachers(store: CacheStore, wanted: list[str], url: str) -> list:
 
 def prepare_batch(batch: dict[str, Any], device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
     """To the device; the student's pixels to normalised float (teacher pixels stay uint8 for their own normalisation)."""
-    mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(3, 1, 1)
     out = {}
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
             continue
         value = value.to(device, non_blocking=True)
-        if key.startswith(IMAGE_KEYS):
-            value = (value.float() / 255 - mean_t) / std_t
-        out[key] = value
+        out[key] = normalize(value, mean, std) if key.startswith(IMAGE_KEYS) else value
     return out
 
 

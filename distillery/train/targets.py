@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.cache.stats import Moments
-from distillery.cache.store import CacheStore, TeacherStats
+from distillery.cache.store import CacheStore, TeacherStats, decode
 from distillery.console import progress_bar
 from distillery.data.shards import ShardSet, decode_image
 from distillery.data.views import ViewConfig, draw_view, normalize, replay
@@ -62,12 +62,7 @@ class TargetSource:
 
     def _cached(self, batch: dict[str, Any]) -> dict[str, Tokens]:
         def part(name: str, which: str) -> torch.Tensor:
-            values = batch[f"targets/{name}/{which}"]
-            if self.dtype == "int8":
-                return values.float() * batch[f"targets/{name}/{which}_scale"].float().unsqueeze(-1)
-            if self.dtype == "bfloat16":
-                return values.view(torch.bfloat16).float()
-            return values.float()
+            return decode(batch[f"targets/{name}/{which}"], batch.get(f"targets/{name}/{which}_scale"), self.dtype)
 
         return {name: Tokens(part(name, "cls"), part(name, "patch")) for name in self.names}
 
