@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -530,8 +531,19 @@ def teachers_rank(
     show_result(pairs_table(result), path)
 
 
+def hub_offline() -> None:
+    """The command line never reaches the network: a missing pretrained file fails at once instead of after a
+    minute of retries. HF_HUB_OFFLINE=0 in the environment allows downloads. huggingface_hub reads the
+    variable when it is imported, which `import distillery` (timm) has done already, so its flag is set too."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def main() -> None:
     """Console entry point: a DistilleryError becomes one line on stderr and exit status 2."""
+    hub_offline()
     try:
         app()
     except DistilleryError as error:

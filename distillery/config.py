@@ -34,9 +34,21 @@ class ConfigError(DistilleryError):
     """A config file, section, key or value that cannot be used as it is."""
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file holding a mapping (an empty file is an empty mapping)."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, teachers/
+
+
+def project_path(path: str | Path) -> Path:
+    """`path` as given when it exists from here, else the project's own file of that relative name, so that
+    `configs/...` and `teachers/...` resolve from any working directory."""
     path = Path(path)
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (an empty file is an empty mapping); see `project_path` for where."""
+    path = project_path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:

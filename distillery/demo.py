@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from distillery.config import check_keys, read_yaml
+from distillery.config import check_keys, project_path, read_yaml
 from distillery.console import console
 from distillery.errors import DistilleryError
 
@@ -183,7 +183,7 @@ def train_shipped_teachers(config: DemoConfig, only: tuple[str, ...] = ()) -> li
     identity = _synth_identity(synth)
     written = []
     for run in shipped:
-        run_dir, out = config.work / "runs" / run.name, Path(run.shipped)
+        run_dir, out = config.work / "runs" / run.name, project_path(run.shipped)
         recipe = _with_overrides(run, config.work)
 
         def train_and_export() -> None:
@@ -207,7 +207,7 @@ def _shipped(run: ModelRun, identity: dict[str, Any]) -> str:
     of this `identity` (`_synth_identity`)."""
     from distillery.models.teachers import create_teacher
 
-    out = Path(run.shipped)
+    out = project_path(run.shipped)
     record_path = out / PROVENANCE
     if not (out / "model.safetensors").exists() or not record_path.exists():
         raise DistilleryError(f"{out}: shipped teacher {run.name} is missing; `make teachers` trains it")

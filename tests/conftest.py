@@ -1,10 +1,14 @@
 """Shared fixtures: one small embedded dataset per test session (the real formats, tiny counts)."""
 
-import distillery  # noqa: F401  (first: registers the torchvision op schemas before timm is imported)
+import os
 
-import pytest
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the CLI does: tests never reach the network
 
-from distillery.data.synth import SynthConfig, generate
+import distillery  # noqa: E402,F401  (registers the torchvision op schemas before timm is imported)
+
+import pytest  # noqa: E402
+
+from distillery.data.synth import SynthConfig, generate  # noqa: E402
 
 SMALL_SYNTH = SynthConfig(seed=0, size=32, train=400, val=200, ood_near=100, ood_far=100, landmarks=4,
                           distractors=16, shard_size=100, workers=2)

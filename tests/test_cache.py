@@ -109,6 +109,7 @@ def test_int8_pooled_and_cls_only_stores(synth_dir, teacher_specs, tmp_path):
         cls_only.read_block(0, view=0)
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_same_store_as_one(synth_dir, teacher_specs, cache_dir, tmp_path):
     cli = [sys.executable, "-m", "distillery.cli", "cache-teachers", "--data", str(synth_dir / "train"),
            "--views", "2", "--workers", "1", "--out", str(tmp_path / "two.zarr")]
@@ -122,6 +123,7 @@ def test_two_ranks_give_the_same_store_as_one(synth_dir, teacher_specs, cache_di
     assert _tree(tmp_path / "two.zarr") == _tree(cache_dir)
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_writer_gives_the_same_store(synth_dir, teacher_specs, cache_dir, tmp_path):
     out = tmp_path / "killed.zarr"
     cli = [sys.executable, "-m", "distillery.cli", "cache-teachers", "--data", str(synth_dir / "train"),
@@ -178,6 +180,7 @@ def test_a_corrupt_jpeg_ends_as_an_invalid_row_and_the_run_finishes(synth_dir, t
     assert report["ok"], report
 
 
+@pytest.mark.slow
 def test_cache_cli_info_and_verify(cache_dir, synth_dir):
     run = lambda *args: subprocess.run([sys.executable, "-m", "distillery.cli", *args], env=_cli_env(),  # noqa: E731
                                        capture_output=True, text=True)

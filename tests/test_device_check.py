@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from distillery.experiments.costs import Throughput
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_device_check_tiny_cpu_mode_writes_every_figure(tmp_path):
     out, throughput = tmp_path / "check.json", tmp_path / "gpu_throughput.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--cpu", "--tiny",

@@ -56,3 +56,13 @@ def test_set_reaches_nested_keys_and_the_method_section():
                      ("student_args.depth=6", "unic.drop_prob=0.3", "betas=[0.9, 0.95]", "lr=1e-3"))
     assert config.student_args == {"depth": 6} and config.method_config == {"drop_prob": 0.3}
     assert config.betas == (0.9, 0.95) and config.lr == 1e-3
+
+
+def test_project_configs_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from distillery.config import read_yaml
+    from distillery.experiments import load_experiment
+
+    monkeypatch.chdir(tmp_path)
+    assert read_yaml("configs/demo.yaml")["teachers"]
+    experiment = load_experiment("tintem-vitt14-dinov2s")
+    assert experiment.cache["view_config"] == "configs/views/tintem.yaml" and experiment.dataset.name == "ImageNet-1k"

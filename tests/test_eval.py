@@ -128,6 +128,7 @@ def test_missing_suite_data_is_named_before_any_model_runs(tmp_path, synth_dir, 
         run_suite(path, show_progress=False)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     from distillery import demo
 

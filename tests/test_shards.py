@@ -125,6 +125,7 @@ def test_writer_refuses_dotted_keys_and_non_empty_directories(tmp_path):
     assert [r.label for r in ShardSet.open(tmp_path / "s").records(0)] == [3]
 
 
+@pytest.mark.slow
 def test_cli_lists_commands_and_reports_counts(synth_dir):
     cli = [sys.executable, "-m", "distillery.cli"]
     help_text = subprocess.run(cli + ["--help"], capture_output=True, text=True, check=True).stdout

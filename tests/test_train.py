@@ -84,6 +84,7 @@ def _write_yaml(path: Path, values: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_process_ddp_agrees_with_one_process_on_the_global_batch(tiny_synth, tmp_path):
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
@@ -152,6 +153,7 @@ def test_cli_overrides_the_config_file_and_saves_the_resolved_config(tiny_synth,
         train({"out": str(tmp_path / "run"), "lr": 0.5}, resume=True)
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tiny_synth, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "distillery.cli", *args], env=_cli_env(), capture_output=True, text=True)

@@ -202,12 +202,12 @@ class TeacherStats:
 class CacheStore:
     """A cache of teacher features. Open with `CacheStore.open(url)`; the writer creates it with `create`."""
 
-    def __init__(self, url: str, manifest: dict):
+    def __init__(self, url: str, manifest: dict, writable: bool = False):
         self.url = url
         self.manifest = manifest
         self.identity = manifest["identity"]
         self.files = SideFiles(url)
-        self.group = zarr.open_group(url, mode="r+" if self.files.exists() else "r")
+        self.group = zarr.open_group(url, mode="r+" if writable else "r")  # readers (training workers) never write
         storage = self.identity["storage"]
         self.dtype: str = storage["dtype"]
         self.cls_only: bool = storage["cls_only"]
@@ -221,13 +221,13 @@ class CacheStore:
     # -- creation and opening
 
     @classmethod
-    def open(cls, url: str) -> CacheStore:
+    def open(cls, url: str, writable: bool = False) -> CacheStore:
         manifest = SideFiles(url).read(MANIFEST)
         if manifest is None:
             raise CacheError(f"{url}: not a distillery cache (no {MANIFEST}); build one with `distillery cache-teachers`")
         if manifest.get("format") != FORMAT:
             raise CacheError(f"{url}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT}")
-        return cls(url, manifest)
+        return cls(url, manifest, writable)
 
     @classmethod
     def create(cls, url: str, identity: dict) -> CacheStore:
@@ -261,7 +261,7 @@ class CacheStore:
                                   dtype="float64", chunks=(1, 3, dim), fill_value=0)
         manifest = {"format": FORMAT, "identity": identity, "completion": None}
         SideFiles(url).write(MANIFEST, manifest)
-        return cls(url, manifest)
+        return cls(url, manifest, writable=True)
 
     # -- geometry
 
@@ -373,17 +373,17 @@ class CacheStore:
         rows = self.row_of(np.asarray(global_indices))
         out: dict[str, Any] = {"keys": [self.group["keys"][int(r)] for r in rows],
                                "valid": np.array([self.group["valid"][int(r)] for r in rows]),
-                               "views": np.stack([self.group["views"][int(r), v] for r, v in zip(rows, views)])}
+                               "views": np.stack([self.group["views"][int(r), v] for r, v in zip(rows, views, strict=True)])}
         for teacher in self.teachers:
             for part in parts:
                 if part == "patch" and self.cls_only:
                     continue
                 array = self.group[f"teachers/{teacher.name}/{part}"]
-                values = np.stack([array[int(r), v] for r, v in zip(rows, views)])
+                values = np.stack([array[int(r), v] for r, v in zip(rows, views, strict=True)])
                 scale = None
                 if self.dtype == "int8":
                     scales = self.group[f"teachers/{teacher.name}/{part}_scale"]
-                    scale = np.stack([scales[int(r), v] for r, v in zip(rows, views)])
+                    scale = np.stack([scales[int(r), v] for r, v in zip(rows, views, strict=True)])
                 out[f"{teacher.name}/{part}"] = decode(values, scale, self.dtype)
         return out
 

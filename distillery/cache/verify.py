@@ -83,7 +83,7 @@ def _recompute(store: CacheStore, shard_set: ShardSet, count: int, seed: int) ->
     view_seed = store.identity["views"]["seed"]
     pool = store.identity["storage"]["patch_pool"]
     teachers = [create_teacher(t.spec) for t in store.teachers]
-    for teacher, layout in zip(teachers, store.teachers):
+    for teacher, layout in zip(teachers, store.teachers, strict=True):
         if teacher.fingerprint() != layout.fingerprint:
             return ("recomputed rows agree", False, f"teacher {layout.spec} is not the one that wrote the store")
     rng = np.random.default_rng(seed)
@@ -106,7 +106,7 @@ def _recompute(store: CacheStore, shard_set: ShardSet, count: int, seed: int) ->
         params = draw_view(view_config, view_seed, record.index, view, image.height, image.width)
         if not np.array_equal(params, stored["views"][0]):
             return ("recomputed rows agree", False, f"view {view} of {record.key} draws other parameters than stored")
-        for teacher, layout in zip(teachers, store.teachers):
+        for teacher, layout in zip(teachers, store.teachers, strict=True):
             p = teacher.preprocessing
             tokens = teacher(normalize(replay(image, params, p.input_size)[None], p.mean, p.std))
             fresh = {"cls": tokens.cls}

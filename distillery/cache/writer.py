@@ -221,7 +221,7 @@ def _open_or_create(url: str, identity: dict, overwrite: bool, rank: int, world_
         if manifest is None:
             store = CacheStore.create(url, identity)
         else:
-            store = CacheStore.open(url)
+            store = CacheStore.open(url, writable=True)
             _check_identity(url, store.identity, identity)
         if barrier:
             barrier()
@@ -235,7 +235,7 @@ def _open_or_create(url: str, identity: dict, overwrite: bool, rank: int, world_
         if time.monotonic() > deadline:
             raise CacheError(f"{url}: rank 0 did not create the store within {MANIFEST_WAIT_SECONDS} s")
         time.sleep(0.5)
-    store = CacheStore.open(url)
+    store = CacheStore.open(url, writable=True)
     _check_identity(url, store.identity, identity)
     return store
 

@@ -94,7 +94,7 @@ def convert_image_folder(root: str | os.PathLike, out: str | os.PathLike, shard_
     with staged_directory(out) as staging, context.Pool(max(1, workers)) as pool:
         writer = ShardWriter(staging, shard_size)
         loaded = pool.imap(_load, [str(root / relative) for relative, _ in files], chunksize=16)
-        for (relative, label), (data, ext, error) in zip(files, loaded):
+        for (relative, label), (data, ext, error) in zip(files, loaded, strict=True):
             if progress:
                 progress(1)
             if error is not None:

@@ -3,8 +3,8 @@
 Features are L2-normalised; each test sample takes its k most similar train samples (cosine), each voting
 for its label with weight exp(sim / T), T = 0.07; k in {10, 20, 100, 200}. Top-1 is the argmax of the
 class scores, top-5 the best five. Search is FAISS's exact inner-product index (the GPU one when the
-installed faiss has GPU support), in chunks of test samples so any test size works (DINO's `n // 100`
-chunking breaks below 100 test images; this does not).
+installed faiss has GPU support) over all test samples at once, so any test size works (DINO's `n // 100`
+chunking breaks below 100 test images).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from distillery.config import check_keys, read_yaml
+from distillery.config import check_keys, project_path, read_yaml
 from distillery.errors import DistilleryError
 from distillery.experiments.metrics import TASKS, MetricPath, metric_paths
 
@@ -98,7 +98,7 @@ class Experiment:
 
 
 def experiment_names(directory: Path = EXPERIMENTS_DIR) -> list[str]:
-    return sorted(p.stem for p in Path(directory).glob("*.yaml"))
+    return sorted(p.stem for p in project_path(directory).glob("*.yaml"))
 
 
 def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
@@ -106,7 +106,7 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
     from distillery.cache.writer import CacheConfig
 
     path = Path(name) if name.endswith(".yaml") else Path(directory) / f"{name}.yaml"
-    if not path.exists():
+    if not project_path(path).exists():
         raise ExperimentError(f"{path}: no such experiment; known: {', '.join(experiment_names(directory))}")
     values = _check_keys(read_yaml(path), str(path),
                          ("paper", "student", "teachers", "cache", "train", "data", "eval", "paper_results"))
@@ -166,7 +166,7 @@ def _view_config(view_file: str | None, path: Path):
 
     if view_file is None:
         return ViewConfig()
-    if not Path(view_file).is_file():
+    if not project_path(view_file).is_file():
         raise ExperimentError(f"{path}: cache: view_config {view_file}: no such file")
     try:
         return ViewConfig.from_dict(read_yaml(view_file), f"{path}: cache: view_config {view_file}")

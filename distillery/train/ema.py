@@ -22,7 +22,7 @@ class ModelEma(nn.Module):
         ema_params = list(self.module.parameters())
         source_params = list(source.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in source_params], 1.0 - decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), source.buffers()):
+        for ema_buffer, buffer in zip(self.module.buffers(), source.buffers(), strict=True):
             ema_buffer.copy_(buffer)
 
     def forward(self, *args, **kwargs):

@@ -43,7 +43,8 @@ class TargetSource:
     def __init__(self, names: list[str], grids: list[tuple[int, int]], student_grid: tuple[int, int],
                  stats: dict[str, TeacherStats] | None, device: torch.device, dtype: str | None = None,
                  teachers: list[Teacher] | None = None):
-        self.names, self.grids, self.student_grid = names, grids, student_grid
+        self.names, self.student_grid = names, student_grid
+        self.grids = dict(zip(names, grids, strict=True))  # by teacher name, so no order can misalign them
         self.dtype, self.teachers = dtype, teachers
         self.stats = None if stats is None else {
             name: TeacherStats(*(None if v is None else v.to(device) for v in (s.cls_mean, s.cls_std, s.patch_mean, s.patch_std)))
@@ -52,8 +53,8 @@ class TargetSource:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tokens]:
         raw = self._online(batch) if self.teachers is not None else self._cached(batch)
         out = {}
-        for (name, tokens), grid in zip(raw.items(), self.grids):
-            cls, patch = tokens.cls.float(), resize_patch_grid(tokens.patch.float(), grid, self.student_grid)
+        for name, tokens in raw.items():
+            cls, patch = tokens.cls.float(), resize_patch_grid(tokens.patch.float(), self.grids[name], self.student_grid)
             if self.stats is not None:
                 s = self.stats[name]
                 cls, patch = standardize(cls, s.cls_mean, s.cls_std), standardize(patch, s.patch_mean, s.patch_std)
@@ -68,7 +69,7 @@ class TargetSource:
 
     def _online(self, batch: dict[str, Any]) -> dict[str, Tokens]:
         out = {}
-        for name, teacher in zip(self.names, self.teachers):
+        for name, teacher in zip(self.names, self.teachers, strict=True):
             p = teacher.preprocessing
             pixels = batch[f"teacher_pixels/{p.input_size[0]}x{p.input_size[1]}"]
             out[name] = teacher(normalize(pixels, p.mean, p.std))

@@ -67,7 +67,7 @@ class Sefa(DinoHooks, Method):
         out = student(batch["student"])
         tokens = {"cls": out.cls, "patch": out.patch}
         total, metrics = 0.0, {}
-        for teacher, heads in zip(self.context.teachers, self.heads):
+        for teacher, heads in zip(self.context.teachers, self.heads, strict=True):
             name = teacher.name
             target = batch["targets"][name]
             per_part = [TOKEN_LOSSES[part](head(tokens[part]).float(), getattr(target, part), self.config.alpha,

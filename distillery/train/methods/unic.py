@@ -59,7 +59,7 @@ class LadderHead(nn.Module):
             MLP(in_dim, last_hidden_dim if i == depth - 1 else hidden_dim, out_dim) for i in range(depth))
 
     def forward(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([projector(x) for projector, x in zip(self.projectors, blocks)]).sum(0)
+        return torch.stack([projector(x) for projector, x in zip(self.projectors, blocks, strict=True)]).sum(0)
 
 
 @register_method
@@ -93,7 +93,7 @@ class Unic(Method):
             inputs = {"cls": out.cls, "patch": out.patch}
         per_teacher = []
         names = [t.name for t in self.context.teachers]
-        for name, heads in zip(names, self.heads):
+        for name, heads in zip(names, self.heads, strict=True):
             target = batch["targets"][name]
             cls_loss = cls_token_loss(heads["cls"](inputs["cls"]).float(), target.cls, c.cos_weight, c.smooth_l1_weight)
             patch_loss = patch_token_loss(heads["patch"](inputs["patch"]).float(), target.patch, c.cos_weight,
