@@ -11,7 +11,7 @@ warm-up (`metrics.jsonl`'s images_per_s, logged every 10 steps), same data, seed
 `*_cached_data_path_only` iterates the same cached run's DataLoader with no model: where the cached run
 falls short of student-alone while its data path is far faster, the difference is the method's own heads
 and losses, not the cache.
-Also: `supervised` and `dino` images/s for a tiny and a small student (issue 4's figure).
+Also: `supervised` and `dino` images/s for a tiny and a small student.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Directory to create (train/, val/, ood/near/, ood/far/, retrieval/).")],
+    out: Annotated[Path, typer.Option(help="Directory to create (train/, val/, ood/near/, ood/far/, retrieval/, davis/).")],
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels (retrieval images are drawn at twice this).")] = 32,
     train: Annotated[int, typer.Option(help="Training images (10 balanced classes).")] = 5000,
@@ -34,9 +34,11 @@ def data_synth(
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 500,
     image_format: Annotated[str, typer.Option("--format", help="jpg or png.")] = "jpg",
     workers: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
+    davis_sequences: Annotated[int, typer.Option(help="Videos in davis/, the DAVIS-2017-layout set (0: none).")] = 6,
 ) -> None:
     """Write the embedded procedural dataset (seeded; same seed, same bytes)."""
     from distillery.data.synth import SynthConfig, generate, image_counts
+    from distillery.data.synth_video import VideoConfig, generate_davis
 
     config = SynthConfig(seed=seed, size=size, train=train, val=val, ood_near=ood_near, ood_far=ood_far,
                          landmarks=landmarks, distractors=distractors, shard_size=shard_size,
@@ -44,6 +46,8 @@ def data_synth(
     with progress_bar() as progress:
         tasks = {split: progress.add_task(split, total=n) for split, n in image_counts(config).items()}
         counts = generate(config, out, progress=lambda split, n: progress.advance(tasks[split], n))
+    if davis_sequences:
+        counts["davis (frames)"] = generate_davis(VideoConfig(seed=seed, size=size, sequences=davis_sequences), out / "davis")
     print_table(f"synth data in {out}", ("part", "images"), list(counts.items()))
 
 
@@ -233,7 +237,7 @@ ExperimentThroughput = Annotated[Optional[Path], typer.Option(
 
 def _experiment_inputs(strict: bool, **options):
     """PlanInputs from the options given; an option left out keeps PlanInputs' default."""
-    from distillery.experiments import PlanInputs
+    from distillery.apps.experiments import PlanInputs
 
     return PlanInputs(strict=strict, **{k: v for k, v in options.items() if v is not None})
 
@@ -258,7 +262,7 @@ def experiment_plan(
 ) -> None:
     """Check every config, teacher and path; print each step's commands, the cache size, the GPU-hours and the
     paper numbers. Runs nothing; exit status 2 with one line per problem (missing DATA or weights are notes)."""
-    from distillery.experiments import experiment_names, format_plans, plan_experiments
+    from distillery.apps.experiments import experiment_names, format_plans, plan_experiments
 
     if name == "all" and out is not None:
         raise DistilleryError("--out names one experiment's directory; for all of them give --results")
@@ -281,7 +285,7 @@ def experiment_run(
     cache_dir: ExperimentCacheDir = None,
 ) -> None:
     """Run steps of an experiment (make/experiments.mk calls this once per step); each step resumes its work."""
-    from distillery.experiments import STEPS, plan_experiments, run_step
+    from distillery.apps.experiments import STEPS, plan_experiments, run_step
 
     inputs = _experiment_inputs(True, data=data, weights=weights, gpus=gpus, out=out, results=results, cache_dir=cache_dir)
     plans, problems = plan_experiments([name], inputs)
@@ -296,7 +300,7 @@ def experiment_report(
     results: Annotated[Path, typer.Option(help="The experiment's directory (holding eval/<model>/<task>.json).")],
 ) -> None:
     """Paper vs reproduced: write RESULTS/report.md and report.json from the evaluation JSON files."""
-    from distillery.experiments import load_experiment, write_report
+    from distillery.apps.experiments import load_experiment, write_report
 
     markdown, _ = write_report(load_experiment(name), results)
     typer.echo(markdown.read_text())
@@ -315,7 +319,7 @@ def demo(
     """The whole pipeline on the embedded data, ending in a report; a re-run reuses every finished step."""
     from rich.markdown import Markdown
 
-    from distillery.demo import DemoConfig, run_demo, train_shipped_teachers
+    from distillery.apps.demo import DemoConfig, run_demo, train_shipped_teachers
 
     if train_teachers:
         for out in train_shipped_teachers(DemoConfig.load(config, work, report), tuple(teacher or ())):
@@ -499,6 +503,24 @@ def eval_cka(
     from distillery.evaluate.tasks import CkaSettings
 
     show_result(*_cka("cka", model, features, data, CkaSettings(), out, features_dir, batch_size, workers, device))
+
+
+@eval_app.command("davis")
+def eval_davis(
+    model: EvalModelSpec,
+    data_root: Annotated[Path, typer.Option(help="DAVIS-2017 layout: JPEGImages/480p/, Annotations/480p/, ImageSets/2017/ (synth: DIR/davis).")],
+    split: Annotated[str, typer.Option(help="ImageSets/2017/<split>.txt.")] = "val",
+    short_side: Annotated[int, typer.Option(help="Frames: short side to this (DINO: 480), long side floored to --multiple.")] = 480,
+    multiple: Annotated[int, typer.Option(help="The long side is floored to a multiple of this (DINO: 64).")] = 64,
+    save_masks: Annotated[Optional[Path], typer.Option(help="Write the predicted indexed PNGs here, one folder per sequence.")] = None,
+    out: EvalOut = None, device: EvalDevice = None,
+) -> None:
+    """Semi-supervised video object segmentation by label propagation (DINO's protocol), J&F as davis2017-evaluation scores it."""
+    from distillery.evaluate.davis import DavisSettings, davis_task
+    from distillery.evaluate.results import show_result
+
+    settings = DavisSettings(short_side=short_side, multiple=multiple, split=split)
+    show_result(*davis_task(model, data_root, settings, out, save_masks, device))
 
 
 @eval_app.command("suite")

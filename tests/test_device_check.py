@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distillery.experiments.costs import Throughput
+from distillery.apps.experiments.costs import Throughput
 
 ROOT = Path(__file__).parents[1]
 

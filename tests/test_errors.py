@@ -60,7 +60,7 @@ def test_set_reaches_nested_keys_and_the_method_section():
 
 def test_project_configs_resolve_from_any_working_directory(tmp_path, monkeypatch):
     from distillery.config import read_yaml
-    from distillery.experiments import load_experiment
+    from distillery.apps.experiments import load_experiment
 
     monkeypatch.chdir(tmp_path)
     assert read_yaml("configs/demo.yaml")["teachers"]

@@ -130,7 +130,7 @@ def test_missing_suite_data_is_named_before_any_model_runs(tmp_path, synth_dir, 
 
 @pytest.mark.slow
 def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
-    from distillery import demo
+    from distillery.apps import demo
 
     short = {"epochs": 1, "max_steps": 2, "batch_size": 32, "workers": 0}
     config = tmp_path / "demo.yaml"

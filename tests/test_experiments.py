@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillery.experiments import (STEPS, ExperimentError, PlanInputs, build_report, bytes_per_view, experiment_names,
+from distillery.apps.experiments import (STEPS, ExperimentError, PlanInputs, build_report, bytes_per_view, experiment_names,
                                     load_experiment, plan_experiment, plan_teacher, write_report)
 
 ROOT = Path(__file__).parents[1]
@@ -103,7 +103,7 @@ def test_planned_size_is_the_size_a_written_store_has_on_disk(tmp_path, teacher_
 
 
 def test_weights_are_found_in_an_hf_home_or_as_local_dirs(tmp_path, teacher_specs):
-    from distillery.experiments.architectures import locate_weights
+    from distillery.apps.experiments.architectures import locate_weights
 
     repo = tmp_path / "hf" / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"  # huggingface_hub's cache layout
     (repo / "snapshots" / "abc").mkdir(parents=True)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from distillery.errors import DistilleryError
-from distillery.evaluate.report import COLUMNS, comparison_rows, markdown_table, write_report
+from distillery.apps.report import COLUMNS, comparison_rows, markdown_table, write_report
 from distillery.evaluate.results import read_metric
 
 TEACHERS, STUDENTS = ["sup", "dino"], ["unic"]

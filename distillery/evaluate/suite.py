@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillery.files import write_atomic
+import yaml
+
 from distillery.config import check_keys, read_yaml
 from distillery.console import console, print_table
+from distillery.data.shards import CLASS_LABEL
 from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
-from distillery.data.shards import CLASS_LABEL
+from distillery.files import write_atomic
 from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1, linear_top1,
                                         ood_metric, percent, retrieval_map, save_result, write_json)
 from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
@@ -151,6 +153,23 @@ def task_settings(config: SuiteConfig, entry: str) -> Any:
     task, label = split_task(entry)
     settings = config.settings[task]
     return dataclasses.replace(settings, label=label) if task in LABELLED_TASKS else settings
+
+
+def suite_config_values(models: dict[str, str], train: str, val: str, tasks: list[str], settings: dict[str, Any],
+                        out: str, ood: dict[str, str] | None = None,
+                        retrieval: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The mapping of a suite YAML file (what `read_suite_config` reads), for the applications that write one;
+    `retrieval` is (revisitop dataset name, root)."""
+    data: dict[str, Any] = {"train": train, "val": val}
+    if ood:
+        data["ood"] = dict(ood)
+    if retrieval:
+        data["retrieval"] = {"dataset": retrieval[0], "root": retrieval[1]}
+    return {"models": dict(models), "data": data, "tasks": list(tasks), "settings": dict(settings), "out": out}
+
+
+def write_suite_config(path: str | Path, values: dict[str, Any]) -> Path:
+    return write_atomic(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def read_suite_config(path: str | Path) -> SuiteConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from distillery.experiments.definition import ExperimentError, MissingInput
+from distillery.apps.experiments.definition import ExperimentError, MissingInput
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from distillery.experiments.architectures import ModelGeometry, PlannedTeacher, architecture
-from distillery.experiments.definition import ExperimentError
+from distillery.apps.experiments.architectures import ModelGeometry, PlannedTeacher, architecture
+from distillery.apps.experiments.definition import ExperimentError
 
 
 class PlannedStore(NamedTuple):

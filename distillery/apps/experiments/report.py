@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distillery.files import write_atomic
-from distillery.experiments.definition import Experiment, ExperimentError, PaperResult
+from distillery.apps.experiments.definition import Experiment, ExperimentError, PaperResult
+from distillery.apps.experiments.metrics import PERCENT, MetricPath
+from distillery.apps.report import write_report_files
 from distillery.errors import DistilleryError
-from distillery.evaluate.results import default_path, read_metric, write_json
-from distillery.experiments.metrics import PERCENT, MetricPath
+from distillery.evaluate.results import default_path, read_metric
 
 
 def build_report(experiment: Experiment, results: Path) -> dict[str, Any]:
@@ -65,4 +65,4 @@ def format_report(report: dict[str, Any]) -> str:
 def write_report(experiment: Experiment, results: Path) -> tuple[Path, Path]:
     """Write `results`/report.md and report.json; returns their paths."""
     report = build_report(experiment, results)
-    return write_atomic(results / "report.md", format_report(report)), write_json(results / "report.json", report)
+    return write_report_files(results, format_report(report), report)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from distillery.config import check_keys, project_path, read_yaml
 from distillery.errors import DistilleryError
-from distillery.experiments.metrics import TASKS, MetricPath, metric_paths
+from distillery.apps.experiments.metrics import TASKS, MetricPath, metric_paths
 
 EXPERIMENTS_DIR = Path("configs/experiments")
 # CacheConfig fields an experiment may set (the teachers are its own key). `view_config` is a YAML file of

@@ -28,6 +28,7 @@ import yaml
 from distillery.config import check_keys, project_path, read_yaml
 from distillery.console import console
 from distillery.errors import DistilleryError
+from distillery.files import write_atomic
 
 
 PROVENANCE = "provenance.json"  # beside a shipped teacher's weights: how it was made
@@ -110,8 +111,8 @@ def run_demo(config: DemoConfig) -> Path:
     from distillery.cache.store import CacheStore
     from distillery.cache.writer import CacheConfig, cache_teachers
     from distillery.data.views import ViewConfig
-    from distillery.evaluate.report import suite_columns, write_report
-    from distillery.evaluate.suite import read_suite_config, run_suite
+    from distillery.apps.report import suite_columns, write_report
+    from distillery.evaluate.suite import read_suite_config, run_suite, write_suite_config
 
     steps = Steps()
     work = config.work
@@ -134,7 +135,7 @@ def run_demo(config: DemoConfig) -> Path:
     baselines = {name: _untrained(steps, name, train_config, work) for name, train_config in config.baselines.items()}
     suite = _suite_config(config, synth, {**baselines, **teachers, **students, **alone})
     suite_path = work / "suite.yaml"
-    suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    write_suite_config(suite_path, suite)
     steps.run(f"evaluation suite -> {suite['out']}", False, lambda: run_suite(suite_path))
     columns = suite_columns(read_suite_config(suite_path))
     roles = _roles(config, columns)
@@ -297,15 +298,15 @@ def _with_overrides(run: ModelRun, work: Path) -> Path:
         values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
     path = work / "configs" / f"{run.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(values, sort_keys=False))
     return path
 
 
 def _suite_config(config: DemoConfig, synth: Path, models: dict[str, str]) -> dict[str, Any]:
-    return {"models": models,
-            "data": {"train": str(synth / "train"), "val": str(synth / "val"),
-                     "ood": {"near": str(synth / "ood" / "near"), "far": str(synth / "ood" / "far")},
-                     "retrieval": {"dataset": "synth", "root": str(synth / "retrieval")}},
-            "tasks": config.evaluation.get("tasks", ["knn", "linear", "retrieval", "ood", "cka"]),
-            "settings": config.evaluation.get("settings", {}),
-            "out": str(config.work / "eval")}
+    from distillery.evaluate.suite import suite_config_values
+
+    return suite_config_values(models, str(synth / "train"), str(synth / "val"),
+                               config.evaluation.get("tasks", ["knn", "linear", "retrieval", "ood", "cka"]),
+                               config.evaluation.get("settings", {}), str(config.work / "eval"),
+                               {"near": str(synth / "ood" / "near"), "far": str(synth / "ood" / "far")},
+                               ("synth", str(synth / "retrieval")))

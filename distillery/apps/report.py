@@ -159,10 +159,12 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
         saved.update({name: [dataclasses.asdict(c) | {"verdict": c.verdict} for c in claims]
                       for name, claims in sections.items()})
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures.items()]
-    report = out / "report.md"
-    write_atomic(report, "\n".join(lines) + "\n")
-    write_json(out / "report.json", {**saved, "figures": {t: p.name for t, p in figures.items()}})
-    return report
+    return write_report_files(out, "\n".join(lines) + "\n", {**saved, "figures": {t: p.name for t, p in figures.items()}})[0]
+
+
+def write_report_files(out: Path, markdown: str, values: dict[str, Any]) -> tuple[Path, Path]:
+    """The one way a report reaches disk: OUT/report.md for people and OUT/report.json with the same numbers."""
+    return write_atomic(Path(out) / "report.md", markdown), write_json(Path(out) / "report.json", values)
 
 
 def _pyplot():
