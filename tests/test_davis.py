@@ -155,3 +155,20 @@ def test_eval_davis_scores_a_model_and_writes_its_masks(tmp_path, teacher_specs)
     assert set(result.metrics["sequences"]) == {"synth000", "synth001"} and path.exists()
     written = sorted((tmp_path / "masks" / "synth000").glob("*.png"))
     assert len(written) == len(read_sequences(tmp_path / "davis")[0].frames)
+
+
+def test_the_suite_runs_davis_beside_the_other_tasks(tmp_path, tiny_synth, teacher_specs):
+    import json
+
+    from distillery.data.synth_video import VideoConfig, generate_davis
+    from distillery.evaluate.suite import run_suite, suite_config_values, write_suite_config
+
+    generate_davis(VideoConfig(size=16, sequences=1, frames=(4, 4)), tmp_path / "davis")
+    values = suite_config_values({"a": teacher_specs[0]}, str(tiny_synth / "train"), str(tiny_synth / "val"),
+                                 ["knn", "davis"], {"davis": {"short_side": 32, "multiple": 16}, "knn": {"ks": [5]}},
+                                 str(tmp_path / "eval"), davis=str(tmp_path / "davis"))
+    summary = run_suite(write_suite_config(tmp_path / "suite.yaml", values), show_progress=False)
+    assert "DAVIS J&F" in summary.columns and "kNN top-1 (k=5)" in summary.columns
+    stored = json.loads((tmp_path / "eval" / "a" / "davis.json").read_text())
+    row = summary.rows[0]
+    assert row[summary.columns.index("DAVIS J&F")] == f"{100 * stored['metrics']['global']['J&F-Mean']:.2f}"

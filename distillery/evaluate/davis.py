@@ -317,24 +317,32 @@ def davis_scores(teacher, root: str | Path, settings: DavisSettings = DavisSetti
     return {"global": global_scores(per_sequence), "sequences": per_sequence}
 
 
-def davis_task(spec: str, root: str | Path, settings: DavisSettings = DavisSettings(), out: Path | None = None,
-               masks_out: Path | None = None, device: str | None = None):
-    """`distillery eval davis`: J&F of one model, written to OUT (default results/<model>/davis.json)."""
-    from distillery.console import progress_bar
-    from distillery.evaluate.features import load_model
-    from distillery.evaluate.results import TaskResult, default_path, percent, save_result
+HEADLINE = ("J&F-Mean", "J-Mean", "J-Recall", "F-Mean", "F-Recall")
 
-    teacher = load_model(spec, device, any_size=True)
+
+def davis_result(teacher, name: str, spec: str, root: str | Path, settings: DavisSettings = DavisSettings(),
+                 masks_out: Path | None = None):
+    """The davis TaskResult of one model (what `eval davis` and the suite's davis task write)."""
+    from distillery.console import progress_bar
+    from distillery.evaluate.results import TaskResult, percent
+
     sequences = read_sequences(root, settings)
     with progress_bar() as progress:
-        task = progress.add_task(f"davis {teacher.name}", total=len(sequences))
+        task = progress.add_task(f"davis {name}", total=len(sequences))
         scores = davis_scores(teacher, root, settings, masks_out, progress=lambda _: progress.advance(task))
     data = {"davis": {"root": str(root), "split": settings.split,
                       "frames": {s.name: len(s.frames) for s in sequences}}}
-    g = scores["global"]
-    result = TaskResult("davis", {teacher.name: {"spec": spec, "fingerprint": teacher.fingerprint()}}, data,
-                        dataclasses.asdict(settings), scores,
-                        ("model", "J&F-Mean", "J-Mean", "J-Recall", "F-Mean", "F-Recall"),
-                        [(teacher.name, *(percent(g[k]) for k in ("J&F-Mean", "J-Mean", "J-Recall", "F-Mean", "F-Recall")))])
-    path = save_result(result, out or default_path(teacher.name, "davis"))
-    return result, path
+    return TaskResult("davis", {name: {"spec": spec, "fingerprint": teacher.fingerprint()}}, data,
+                      dataclasses.asdict(settings), scores, ("model", *HEADLINE),
+                      [(name, *(percent(scores["global"][k]) for k in HEADLINE))])
+
+
+def davis_task(spec: str, root: str | Path, settings: DavisSettings = DavisSettings(), out: Path | None = None,
+               masks_out: Path | None = None, device: str | None = None):
+    """`distillery eval davis`: J&F of one model, written to OUT (default results/<model>/davis.json)."""
+    from distillery.evaluate.features import load_model
+    from distillery.evaluate.results import default_path, save_result
+
+    teacher = load_model(spec, device, any_size=True)
+    result = davis_result(teacher, teacher.name, spec, root, settings, masks_out)
+    return result, save_result(result, out or default_path(teacher.name, "davis"))

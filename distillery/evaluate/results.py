@@ -131,6 +131,11 @@ def teacher_head_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
     return MetricPath(labelled_task(TEACHER_HEAD_KNN, label), (f"k={k}", "top1"))
 
 
+def davis_score(name: str = "J&F-Mean") -> MetricPath:
+    """`name`: J&F-Mean, J-Mean, F-Mean, J-Recall, ... (davis2017-evaluation's global table)."""
+    return MetricPath("davis", ("global", name))
+
+
 def retrieval_map(protocol: str) -> MetricPath:
     """`protocol`: "medium" or "hard"."""
     return MetricPath("retrieval", (protocol, "map"))

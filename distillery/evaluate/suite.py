@@ -36,10 +36,10 @@ from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
 from distillery.files import write_atomic
-from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, default_path, knn_top1, linear_top1,
-                                        ood_metric, percent, retrieval_map, save_result, write_json)
-from distillery.evaluate.tasks import (SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData, EvalModel, RetrievalData,
-                                       cka_features, cka_task, settings_from_dict)
+from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, davis_score, default_path, knn_top1,
+                                        linear_top1, ood_metric, percent, retrieval_map, save_result, write_json)
+from distillery.evaluate.tasks import (ANY_SIZE_TASKS, SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData,
+                                       EvalModel, RetrievalData, cka_features, cka_task, settings_from_dict)
 from distillery.models.teachers import teacher_name
 
 
@@ -60,7 +60,7 @@ def run_task(task: str, spec: str, data: EvalData, settings: Any, extraction: Ex
     features are cached under `extraction.cache_dir` (default results/<model name>/features)."""
     name = teacher_name(spec)
     data.require(task)
-    model = EvalModel.load(name, spec, device or default_device(), any_size=task == "retrieval")
+    model = EvalModel.load(name, spec, device or default_device(), any_size=task in ANY_SIZE_TASKS)
     result = SINGLE_MODEL_TASKS[task](model, data, settings, _cached_under(extraction, results_root, name))
     return result, save_result(result, out or default_path(name, result.task, results_root))
 
@@ -98,7 +98,7 @@ def run_cka(specs: list[str], feature_files: list[str], data: Path | None, setti
 # ---------------------------------------------------------------------------------------------- the suite
 
 TOP_KEYS = ("models", "data", "tasks", "settings", "out", "batch_size", "workers", "device")
-DATA_KEYS = ("train", "val", "ood", "retrieval", "extra", "extra_classes", "cka")
+DATA_KEYS = ("train", "val", "ood", "retrieval", "extra", "extra_classes", "cka", "davis")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _suite_data(values: dict, source: Path) -> EvalData:
     path = lambda key: Path(values[key]) if values.get(key) else None  # noqa: E731
     paths = lambda key: {str(k): Path(v) for k, v in _mapping(values.get(key, {}), f"data.{key}", source).items()}  # noqa: E731
     return EvalData(train=path("train"), val=path("val"), ood=ood, ood_groups=groups, retrieval=retrieval,
-                    extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"))
+                    extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"), davis=path("davis"))
 
 
 LABELLED_TASKS = ("knn", "linear")
@@ -156,8 +156,8 @@ def task_settings(config: SuiteConfig, entry: str) -> Any:
 
 
 def suite_config_values(models: dict[str, str], train: str, val: str, tasks: list[str], settings: dict[str, Any],
-                        out: str, ood: dict[str, str] | None = None,
-                        retrieval: tuple[str, str] | None = None) -> dict[str, Any]:
+                        out: str, ood: dict[str, str] | None = None, retrieval: tuple[str, str] | None = None,
+                        davis: str | None = None) -> dict[str, Any]:
     """The mapping of a suite YAML file (what `read_suite_config` reads), for the applications that write one;
     `retrieval` is (revisitop dataset name, root)."""
     data: dict[str, Any] = {"train": train, "val": val}
@@ -165,6 +165,8 @@ def suite_config_values(models: dict[str, str], train: str, val: str, tasks: lis
         data["ood"] = dict(ood)
     if retrieval:
         data["retrieval"] = {"dataset": retrieval[0], "root": retrieval[1]}
+    if davis:
+        data["davis"] = davis
     return {"models": dict(models), "data": data, "tasks": list(tasks), "settings": dict(settings), "out": out}
 
 
@@ -219,7 +221,7 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
     models: dict[str, dict[str, Any]] = {}
     for name, spec in config.models.items():
         console.print(f"[bold]{name}[/] ({spec})")
-        model = EvalModel.load(name, spec, device, any_size="retrieval" in config.tasks)
+        model = EvalModel.load(name, spec, device, any_size=any(t in ANY_SIZE_TASKS for t in config.tasks))
         extraction = Extraction(config.batch_size, config.workers, features_dir(config.out, name), show_progress)
         results[name] = {}
         for task in config.tasks:
@@ -259,6 +261,8 @@ def summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPat
         return [(f"linear{about} top-1", linear_top1(label))]
     if task == "retrieval":
         return [("retrieval M mAP", retrieval_map("medium")), ("retrieval H mAP", retrieval_map("hard"))]
+    if task == "davis":
+        return [("DAVIS J&F", davis_score("J&F-Mean")), ("DAVIS J", davis_score("J-Mean")), ("DAVIS F", davis_score("F-Mean"))]
     grouped = bool(config.data.ood_groups)
     return [column for name in (config.data.ood_groups if grouped else config.data.ood)
             for column in ((f"OOD {name} AUROC", ood_metric(name, "auroc", grouped)),
@@ -291,6 +295,11 @@ def summary_markdown(columns: tuple[str, ...], rows: list[tuple[str, ...]], conf
         notes.append(f"Retrieval ({config.data.retrieval.dataset}): revisitop Medium/Hard mAP; queries "
                      f"{'cropped to bbx' if s.crop_queries else 'not cropped'}; "
                      f"{'multi-scale' if s.multiscale else 'single scale'}.")
+    if "davis" in config.tasks:
+        s = config.settings["davis"]
+        notes.append(f"DAVIS ({config.data.davis}): label propagation (context 1 + {s.n_last_frames} frames, "
+                     f"top {s.topk} within {s.neighbourhood} patches, T={s.temperature:g}), frames at short side "
+                     f"{s.short_side}; J&F-Mean as davis2017-evaluation computes it.")
     if "ood" in config.tasks:
         s = config.settings["ood"]
         notes.append(f"OOD: KNN score, k={s.k}, {s.train_fraction:.0%} of ID train; FPR@95 = share of OOD accepted "

@@ -21,6 +21,7 @@ from distillery.config import from_mapping
 from distillery.data.shards import CLASS_LABEL, ShardSet
 from distillery.errors import DistilleryError
 from distillery.evaluate import cka, ood, retrieval
+from distillery.evaluate.davis import DavisSettings, davis_result
 from distillery.evaluate.features import (MULTI_SCALES, Extraction, Features, FileSource, ImageFile,
                                           KeepAspect, Pooling, extract_features, load_model, open_images, patch_size)
 from distillery.evaluate.knn import DEFAULT_KS, TEMPERATURE, knn_accuracy
@@ -47,6 +48,7 @@ class EvalData:
     extra: dict[str, Path] = field(default_factory=dict)  # more labelled sets the linear probe is scored on
     extra_classes: dict[str, Path] = field(default_factory=dict)  # extra set name -> JSON list of its classes
     cka: Path | None = None  # the images CKA compares models on (default: val)
+    davis: Path | None = None  # a DAVIS-2017 layout (JPEGImages/, Annotations/, ImageSets/)
 
     def require(self, task: str) -> None:
         """Fail before any model runs when `task` lacks data."""
@@ -58,7 +60,7 @@ class EvalData:
 
 
 REQUIRED_DATA = {"knn": ("train", "val"), "linear": ("train", "val"), "retrieval": ("retrieval",),
-                 "ood": ("train", "val", "ood"), "cka": ()}
+                 "ood": ("train", "val", "ood"), "cka": (), "davis": ("davis",)}
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class CkaSettings:
 
 
 SETTINGS = {"knn": KnnSettings, "linear": LinearSettings, "retrieval": RetrievalSettings, "ood": OodSettings,
-            "cka": CkaSettings}
+            "cka": CkaSettings, "davis": DavisSettings}
 
 
 def settings_from_dict(task: str, values: dict[str, Any], source: str) -> Any:
@@ -311,7 +313,14 @@ def ood_task(model: EvalModel, data: EvalData, settings: OodSettings, extraction
                       ("set", "AUROC %", "AUPR-In %", "AUPR-Out %", "FPR@95 ID-TPR %", "FPR@95 OOD-TPR %"), rows)
 
 
-SINGLE_MODEL_TASKS = {"knn": knn_task, "linear": linear_task, "retrieval": retrieval_task, "ood": ood_task}
+def davis_suite_task(model: EvalModel, data: EvalData, settings: DavisSettings, extraction: Extraction) -> TaskResult:
+    """Label propagation on the DAVIS set (its frames are read per sequence; no feature cache)."""
+    return davis_result(model.teacher, model.name, model.spec, data.davis, settings)
+
+
+SINGLE_MODEL_TASKS = {"knn": knn_task, "linear": linear_task, "retrieval": retrieval_task, "ood": ood_task,
+                      "davis": davis_suite_task}
+ANY_SIZE_TASKS = ("retrieval", "davis")  # their images keep their own shape: ViTs need dynamic_img_size
 TASKS = (*SINGLE_MODEL_TASKS, "cka")
 
 
