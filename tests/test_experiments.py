@@ -211,3 +211,17 @@ def test_report_fails_loudly_on_a_missing_or_malformed_result(tmp_path):
     missing.write_text(json.dumps({"metrics": {"test": {"top1": 0.8}}}))
     with pytest.raises(ExperimentError, match=r"linear.json: no metrics/val \(found: test\) \(for 'linear top-1'\)"):
         build_report(experiment, tmp_path)
+
+
+def test_the_sefa_plan_runs_davis_with_its_paper_numbers(tmp_path, throughput):
+    sefa = plan_experiment("sefa-vits16-dino-augreg", PlanInputs(throughput=throughput))
+    assert sefa.counts["davis"].images == 1999 and sefa.suite["data"]["davis"].endswith("/davis-2017")
+    assert "davis" in sefa.suite["tasks"]
+    rows = {(r.model, r.metric): r for r in sefa.experiment.paper_results}
+    assert rows[("SeFA", "davis J&F-Mean")].value == 62.28 and "Table 4" in rows[("SeFA", "davis J&F-Mean")].source
+    dataset = yaml.safe_load((ROOT / "configs/experiments/datasets/imagenet-1k.yaml").read_text())
+    del dataset["davis"]
+    (tmp_path / "no_davis.yaml").write_text(yaml.safe_dump(dataset))
+    with pytest.raises(ExperimentError, match="the davis task needs a davis: entry"):
+        load_experiment(_write_experiment(tmp_path, data=str(tmp_path / "no_davis.yaml"),
+                                          eval={"tasks": ["knn", "davis"], "settings": {}}, paper_results=[]))

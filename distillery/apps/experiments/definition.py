@@ -51,6 +51,7 @@ class Dataset:
     val: Split
     ood: dict[str, Split] = field(default_factory=dict)
     retrieval: tuple[str, Split] | None = None  # (revisitop dataset name, root holding <name>/gnd_<name>.pkl)
+    davis: Split | None = None  # a DAVIS-2017 layout; images = frames of the split
 
 
 class PaperResult(NamedTuple):
@@ -133,12 +134,14 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
                "view_config": view_file}, train=Path(values["train"]),
         dataset=load_dataset(Path(values["data"])), tasks=tasks, eval_settings=settings,
         paper_results=_paper_results(values["paper_results"], path))
+    if "davis" in experiment.tasks and experiment.dataset.davis is None:
+        raise ExperimentError(f"{path}: eval: the davis task needs a davis: entry in {values['data']}")
     _check_paper_results(experiment)
     return experiment
 
 
 def load_dataset(path: Path) -> Dataset:
-    values = _check_keys(read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval"))
+    values = _check_keys(read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval", "davis"))
     ood = values.get("ood") or {}
     if not isinstance(ood, dict):
         raise ExperimentError(f"{path}: ood: expected a mapping of set names to {{path, images}}")
@@ -146,8 +149,9 @@ def load_dataset(path: Path) -> Dataset:
     if values.get("retrieval") is not None:
         entry = _check_keys(values["retrieval"], f"{path}: retrieval", ("dataset", "path", "images"))
         retrieval = (str(entry["dataset"]), _split({"path": entry["path"], "images": entry["images"]}, f"{path}: retrieval"))
+    davis = _split(values["davis"], f"{path}: davis") if values.get("davis") is not None else None
     return Dataset(str(values["name"]), _split(values["train"], f"{path}: train"), _split(values["val"], f"{path}: val"),
-                   {str(name): _split(split, f"{path}: ood: {name}") for name, split in ood.items()}, retrieval)
+                   {str(name): _split(split, f"{path}: ood: {name}") for name, split in ood.items()}, retrieval, davis)
 
 
 def _check_keys(values: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:

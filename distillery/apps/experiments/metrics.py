@@ -6,10 +6,10 @@ fractions; evaluate/results.py says where each one is.
 
 from __future__ import annotations
 
-from distillery.evaluate.results import LINEAR_TOP1, MetricPath, knn_top1, ood_metric, retrieval_map
+from distillery.evaluate.results import LINEAR_TOP1, MetricPath, davis_score, knn_top1, ood_metric, retrieval_map
 
 PERCENT = 100  # the evaluation writes fractions; the papers report percent
-TASKS = ("knn", "linear", "retrieval", "ood")  # the tasks the report can read
+TASKS = ("knn", "linear", "retrieval", "ood", "davis")  # the tasks the report can read
 
 
 def metric_paths(tasks: tuple[str, ...], ood_sets: list[str], retrieval: str | None) -> dict[str, MetricPath]:
@@ -23,4 +23,6 @@ def metric_paths(tasks: tuple[str, ...], ood_sets: list[str], retrieval: str | N
         paths |= {f"{retrieval} mAP ({level})": retrieval_map(level) for level in ("medium", "hard")}
     if "ood" in tasks:
         paths |= {f"ood AUROC ({name})": ood_metric(name, "auroc", grouped=False) for name in ood_sets}
+    if "davis" in tasks:
+        paths |= {f"davis {name}": davis_score(name) for name in ("J&F-Mean", "J-Mean", "F-Mean")}
     return paths

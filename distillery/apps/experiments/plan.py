@@ -155,6 +155,7 @@ def _plan_data(plan: ExperimentPlan) -> None:
     retrieval = dataset.retrieval if "retrieval" in experiment.tasks else None
     if data is None or not data.is_dir():
         layout = [s.path + "/" for s in splits.values()] + ([f"{retrieval[1].path}/{retrieval[0]}/"] if retrieval else [])
+        layout += [f"{dataset.davis.path}/"] if "davis" in experiment.tasks else []
         plan.missing(("DATA= not given" if data is None else f"DATA={data}: no such directory")
                      + f": a run needs DATA=DIR holding {dataset.name} as shards ({', '.join(layout)})"
                      + ("" if plan.inputs.strict else "; the plan uses the published image counts"))
@@ -166,6 +167,9 @@ def _plan_data(plan: ExperimentPlan) -> None:
         name, split = retrieval
         count = plan.check(_count_retrieval, data, name, split) if data else None
         plan.counts["retrieval"] = count or Count(split.images, f"published count ({name})")
+    if "davis" in experiment.tasks:  # the definition made sure the dataset file has a davis: entry
+        count = plan.check(_count_davis, data, dataset.davis) if data else None
+        plan.counts["davis"] = count or Count(dataset.davis.images, "published count (DAVIS-2017 val frames)")
 
 
 def _count_shards(data: Path, split: Split, label: str) -> Count:
@@ -184,6 +188,16 @@ def _count_retrieval(data: Path, name: str, split: Split) -> Count:
     if not (root / f"gnd_{name}.pkl").exists():
         raise MissingInput(f"DATA={data}: no {split.path}/{name}/gnd_{name}.pkl (revisitop layout: gnd_{name}.pkl + jpg/)")
     return Count(len(list((root / "jpg").glob("*.jpg"))), f"{root}/jpg")
+
+
+def _count_davis(data: Path, split: Split) -> Count:
+    root = data / split.path
+    listing = root / "ImageSets" / "2017" / "val.txt"
+    if not listing.exists():
+        raise MissingInput(f"DATA={data}: no {split.path}/ImageSets/2017/val.txt (the DAVIS-2017 layout)")
+    names = [n.strip() for n in listing.read_text().splitlines() if n.strip()]
+    frames = sum(len(list((root / "JPEGImages" / "480p" / n).glob("*.jpg"))) for n in names)
+    return Count(frames, f"{root}/JPEGImages/480p ({len(names)} sequences)")
 
 
 def _plan_training(plan: ExperimentPlan) -> tuple[ModelGeometry, float] | None:
@@ -300,6 +314,7 @@ def eval_suite(plan: ExperimentPlan, teachers: dict[str, str], student_dir: Path
     ood = {name: f"{data}/{split.path}" for name, split in dataset.ood.items()} if "ood" in experiment.tasks else None
     retrieval = ((dataset.retrieval[0], f"{data}/{dataset.retrieval[1].path}")
                  if "retrieval" in experiment.tasks and dataset.retrieval else None)
+    davis = f"{data}/{dataset.davis.path}" if "davis" in experiment.tasks and dataset.davis else None
     return suite_config_values({experiment.student: f"local-dir:{student_dir}", **teachers},
                                f"{data}/{dataset.train.path}", f"{data}/{dataset.val.path}", list(experiment.tasks),
-                               experiment.eval_settings, str(plan.out / "eval"), ood, retrieval)
+                               experiment.eval_settings, str(plan.out / "eval"), ood, retrieval, davis)
