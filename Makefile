@@ -28,8 +28,8 @@ demo: $(STAMP)
 teachers: $(STAMP)
 	$(BIN)/distillery demo --train-teachers
 
-# The prepared GPU check (benchmarks/device_check.py, about 8 minutes on one GPU): teacher forward, cache-teachers,
-# training and kNN rates with peak memory, and the GPU-hours figures `make all DRY_RUN=1` reads.
+# The prepared GPU check (benchmarks/device_check.py, sized for under 8 minutes on one GPU): teacher forward,
+# cache-teachers, training and kNN rates with peak memory, and the GPU-hours figures `make all DRY_RUN=1` reads.
 device-check: $(STAMP)
 	$(BIN)/python benchmarks/device_check.py --out results/device_check.json --throughput benchmarks/gpu_throughput.json
 
