@@ -15,6 +15,7 @@ output, and the key of its noise). All zeros after the crop box is the identity.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from scipy.ndimage import correlate1d
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from distillery.config import ConfigError, from_mapping
 
@@ -115,6 +117,7 @@ class RandAugmentConfig:
     increasing: bool = False
 
 
+@functools.lru_cache(maxsize=16)  # drawn for every view; the string is one of a run's few configs
 def parse_randaugment(text: str) -> RandAugmentConfig:
     """timm's `rand-...` string (timm.data.auto_augment.rand_augment_transform): m, n, p, mstd, inc."""
     parts = text.split("-")
@@ -256,7 +259,7 @@ def replay(image: Image.Image, params: np.ndarray, out_size: int | tuple[int, in
 
 # timm's create_transform passes the ImageNet mean as the fill of geometric ops and the training
 # interpolation (Proteus and TinTeM: bicubic) as their resampling.
-RANDAUGMENT_FILL = tuple(min(255, round(255 * x)) for x in (0.485, 0.456, 0.406))
+RANDAUGMENT_FILL = tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)
 
 
 def randaugment_args(name: str, magnitude: float, sign: float) -> tuple:
@@ -290,7 +293,7 @@ def randaugment(pixels: np.ndarray, layers: np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-ERASE_MEAN, ERASE_STD = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+ERASE_MEAN, ERASE_STD = np.float32(IMAGENET_DEFAULT_MEAN), np.float32(IMAGENET_DEFAULT_STD)
 
 
 def erase(pixels: np.ndarray, box: np.ndarray) -> np.ndarray:

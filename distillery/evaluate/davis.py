@@ -297,11 +297,11 @@ def segment_sequence(teacher, sequence: Sequence, settings: DavisSettings,
     return annotations, predictions, objects
 
 
-def davis_scores(teacher, root: str | Path, settings: DavisSettings = DavisSettings(), masks_out: Path | None = None,
-                 progress=None) -> dict[str, Any]:
-    """Global and per-sequence J/F of a model on a DAVIS-layout set; with `masks_out`, the predicted PNGs too."""
+def davis_scores(teacher, sequences: list[Sequence], settings: DavisSettings = DavisSettings(),
+                 masks_out: Path | None = None, progress=None) -> dict[str, Any]:
+    """Global and per-sequence J/F of a model on `read_sequences`' sequences; with `masks_out`, the predicted PNGs too."""
     per_sequence = {}
-    for sequence in read_sequences(root, settings):
+    for sequence in sequences:
         if len(sequence.frames) < 3:
             raise DistilleryError(f"{sequence.frames[0].parent}: {len(sequence.frames)} frames; scoring leaves out "
                                   "the first and the last, so a sequence needs at least 3")
@@ -329,7 +329,7 @@ def davis_result(teacher, name: str, spec: str, root: str | Path, settings: Davi
     sequences = read_sequences(root, settings)
     with progress_bar() as progress:
         task = progress.add_task(f"davis {name}", total=len(sequences))
-        scores = davis_scores(teacher, root, settings, masks_out, progress=lambda _: progress.advance(task))
+        scores = davis_scores(teacher, sequences, settings, masks_out, progress=lambda _: progress.advance(task))
     data = {"davis": {"root": str(root), "split": settings.split,
                       "frames": {s.name: len(s.frames) for s in sequences}}}
     return TaskResult("davis", {name: {"spec": spec, "fingerprint": teacher.fingerprint()}}, data,

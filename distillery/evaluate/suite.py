@@ -129,10 +129,7 @@ def _suite_data(values: dict, source: Path) -> EvalData:
         groups[str(group)] = names
     retrieval = None
     if "retrieval" in values:
-        entry = _mapping(values["retrieval"], "data.retrieval", source)
-        check_keys(entry, f"{source}: data.retrieval", ("dataset", "root"))
-        if set(entry) != {"dataset", "root"}:
-            raise DistilleryError(f"{source}: data.retrieval needs both dataset and root")
+        entry = check_keys(values["retrieval"], f"{source}: data.retrieval", (), required=("dataset", "root"))
         retrieval = RetrievalData(str(entry["dataset"]), Path(entry["root"]))
     path = lambda key: Path(values[key]) if values.get(key) else None  # noqa: E731
     paths = lambda key: {str(k): Path(v) for k, v in _mapping(values.get(key, {}), f"data.{key}", source).items()}  # noqa: E731

@@ -170,12 +170,10 @@ def _view_config(view_file: str | None, path: Path):
 
     if view_file is None:
         return ViewConfig()
-    if not project_path(view_file).is_file():
-        raise ExperimentError(f"{path}: cache: view_config {view_file}: no such file")
-    try:
-        return ViewConfig.from_dict(read_yaml(view_file), f"{path}: cache: view_config {view_file}")
+    try:  # read_yaml and from_dict name the file; the prefix says which experiment asked for it
+        return ViewConfig.from_dict(read_yaml(view_file), str(view_file))
     except ValueError as error:
-        raise ExperimentError(f"{path}: cache: view_config {view_file}: {error}") from error
+        raise ExperimentError(f"{path}: cache: view_config: {error}") from error
 
 
 def _paper_results(rows: Any, path: Path) -> tuple[PaperResult, ...]:
