@@ -259,6 +259,13 @@ def _distributed_barrier(world_size: int):
     return dist.barrier
 
 
+def stage_rates(counts: dict[str, int], seconds: dict[str, float]) -> str:
+    """`decode 540 img/s · forward 640 img/s · write ...`: each stage's images over its own time, and "..." until
+    it has run long enough to measure (a first shard's write would otherwise read as billions of img/s)."""
+    return " · ".join(f"{stage} {counts[stage] / seconds[stage]:,.0f} img/s" if seconds[stage] >= 0.05 and counts[stage]
+                      else f"{stage} ..." for stage in seconds)
+
+
 def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = False, rank: int | None = None,
                    world_size: int | None = None, device: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the cache of `config.teachers` over the shards in `data`; returns a summary."""
@@ -279,6 +286,7 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
     sizes = sorted({t.preprocessing.input_size for t in teachers})
     loader = shard_loader(partial(viewed_images, shard_set, todo, config, sizes), config.workers, prefetch_factor=8)
     timings = {"decode": 0.0, "forward": 0.0, "write": 0.0}
+    counts = {"decode": 0, "forward": 0, "write": 0}  # images through each stage so far
     images = 0
     buffers: dict[int, ShardBuffer] = {}
     for empty in (j for j in todo if shard_set.shards[j].count == 0):
@@ -291,18 +299,20 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
             buffer = buffers.setdefault(item.shard_id, ShardBuffer(store, item.shard_id, config))
             buffer.add(item)
             timings["decode"] += item.seconds
+            counts["decode"] += 1
             if buffer.batch_ready:
                 tick = time.perf_counter()
+                counts["forward"] += min(len(buffer.pending), config.batch_size)
                 buffer.run_batch(teachers, device)
                 timings["forward"] += time.perf_counter() - tick
             if buffer.complete:
                 tick = time.perf_counter()
                 buffer.flush()
                 timings["write"] += time.perf_counter() - tick
+                counts["write"] += buffer.count
                 del buffers[item.shard_id]
             images += 1
-            rates = " · ".join(f"{stage} {images / max(seconds, 1e-9):,.0f} img/s" for stage, seconds in timings.items())
-            progress.update(task, advance=1, rates=rates)
+            progress.update(task, advance=1, rates=stage_rates(counts, timings))
     if buffers:  # the data ended inside a shard: the index promised more samples than the tar holds
         raise CacheError(f"shards {sorted(buffers)} ended early; their records were not written")
     complete = store.finalize()
@@ -310,7 +320,8 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
     summary = {"store": out, "rank": rank, "world_size": world_size, "shards_written": len(todo),
                "shards_skipped": len(shard_set.assigned_shards(rank, world_size)) - len(todo),
                "images": images, "seconds": round(elapsed, 2), "images_per_second": round(images / max(elapsed, 1e-9), 1),
-               **{f"{stage}_images_per_second": round(images / max(s, 1e-9), 1) for stage, s in timings.items()},
+               **{f"{stage}_images_per_second": round(counts[stage] / s, 1) if s > 0 else None
+                  for stage, s in timings.items()},
                "complete": complete}
     if complete:
         summary["invalid"] = store.manifest["completion"]["num_invalid"]
