@@ -41,6 +41,39 @@ def test_unic_token_loss_matches_a_hand_computation():
     assert cls_token_loss(prediction[:, 0], target[:, 0]).item() == pytest.approx(expected[0], rel=1e-6)  # CLS: [B, D]
 
 
+def test_proteus_losses_match_a_hand_computation():
+    from distillery.train.methods.proteus import proteus_losses
+
+    token = torch.tensor([[1.0, 2.0], [0.0, -1.0]])  # [B=2, D_t=2]: the token head's output
+    fea = torch.tensor([[[1.0, 0.0]], [[2.0, 2.0]]])  # [B, T=1, D_t]: the fea head's output on the patches
+    patch = torch.tensor([[[5.0, 5.0]], [[0.0, 4.0]]])  # the patch head on the masked pass
+    t_cls = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
+    t_patch = torch.tensor([[[1.0, 1.0]], [[2.0, 0.0]]])
+    losses = proteus_losses(token, fea, patch, t_cls, t_patch, torch.tensor([1]))  # only image 1's patch is masked
+    assert losses["token"].item() == pytest.approx((1 + 0 + 0 + 4) / 4)
+    # fea: [token_head(CLS), fea_head(patches)] against [teacher CLS, teacher patches], mean over 2 x 2 x 2
+    assert losses["fea"].item() == pytest.approx(((1 + 0 + 0 + 1) + (0 + 4 + 0 + 4)) / 8)
+    assert losses["patch"].item() == pytest.approx(((0 - 2) ** 2 + (4 - 0) ** 2) / 2)  # masked positions only
+    assert proteus_losses(token, fea, patch, t_cls, t_patch, torch.tensor([], dtype=torch.long))["patch"].item() == 0
+
+
+def test_proteus_masks_the_first_half_of_the_batch_at_half_its_patches():
+    from distillery.train.methods.proteus import ProteusConfig, proteus_masks
+
+    mask = proteus_masks(5, 16, ProteusConfig(), torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [8, 8, 0, 0, 0]  # int(5 x 0.5) images, int(16 x 0.5) patches each
+    assert torch.equal(mask, proteus_masks(5, 16, ProteusConfig(), torch.Generator().manual_seed(0)))
+    assert not torch.equal(mask, proteus_masks(5, 16, ProteusConfig(), torch.Generator().manual_seed(1)))
+
+
+def test_a_single_teacher_method_refuses_two():
+    teachers = (TeacherInfo("a", 8, (2, 2)), TeacherInfo("b", 8, (2, 2)))
+    context = MethodContext(student_dim=4, student_grid=(2, 2), student_size=(8, 8), student_depth=1, teachers=teachers,
+                            label_classes={}, total_steps=1, steps_per_epoch=1, seed=0)
+    with pytest.raises(DistilleryError, match="proteus distils 1 teacher.*got 2 .a, b.: choose with --cache-teacher"):
+        create_method("proteus", {}, context)
+
+
 def test_teacher_dropping_keeps_the_worst_teacher_and_normalises_globally():
     losses = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.2, 0.8, 0.5, 0.1], [0.1, 0.3, 0.7, 0.3]])  # [3 teachers, 4 images]
     worst = losses.argmax(0)
@@ -163,6 +196,8 @@ def test_every_registered_method_takes_a_training_step(tiny_synth, tiny_cache, t
     """One forward, backward and optimizer step of each registered method on the tiny student, the way timm
     tests every model it lists: a method is tested the day it registers."""
     teachers = {"cache": str(tiny_cache)} if method_class(method).uses_teachers else {}
+    if method_class(method).max_teachers == 1:
+        teachers["cache_teachers"] = ["teacher_a"]
     trainer = Trainer(_config(tiny_synth, tmp_path / method, method, max_steps=1, **teachers), DistInfo())
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     losses = trainer.train_step(next(iter(trainer.loader)), 0)
@@ -171,9 +206,10 @@ def test_every_registered_method_takes_a_training_step(tiny_synth, tiny_cache, t
     assert len(changed) > len(before) // 2, f"{method}: the step moved only {changed}"
 
 
-@pytest.mark.parametrize("method", ["unic", "sefa", "tintem"])
+@pytest.mark.parametrize("method", ["unic", "sefa", "tintem", "proteus"])
 def test_each_method_learns_from_the_cache(tiny_synth, tiny_cache, tmp_path, method):
-    Trainer(_config(tiny_synth, tmp_path / method, method, cache=str(tiny_cache)), DistInfo()).fit()
+    teachers = ["teacher_a"] if method_class(method).max_teachers == 1 else None
+    Trainer(_config(tiny_synth, tmp_path / method, method, cache=str(tiny_cache), cache_teachers=teachers), DistInfo()).fit()
     records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
     first, last = (sum(r["loss"] for r in part) / 8 for part in (records[:8], records[-8:]))
     assert last < 0.8 * first, (first, last)

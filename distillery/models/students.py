@@ -73,7 +73,15 @@ class Student(nn.Module):
         """The number of transformer blocks (0 for a convolutional model, which has no per-block tokens)."""
         return len(self.model.blocks) if self.is_vit else 0
 
-    def forward(self, images: torch.Tensor, return_blocks: bool = False) -> StudentOutput:
+    def forward(self, images: torch.Tensor, return_blocks: bool = False, mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> StudentOutput:
+        """Post-norm tokens; with `mask` (bool [B, T]) the masked patch embeddings are replaced by `mask_token`
+        [D] before the position embedding, as DINOv2's `prepare_tokens_with_masks` (and iBOT) do."""
+        if mask is not None:
+            if return_blocks or not self.is_vit:
+                raise DistilleryError(f"a masked forward needs a ViT student and no per-block tokens ({self.arch})")
+            tokens = self._masked_features(images, mask, mask_token)
+            return StudentOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens:], None)
         if not self.is_vit:
             if return_blocks:
                 raise DistilleryError(f"per-block tokens (ladder heads) need a ViT student, not {self.arch}")
@@ -87,6 +95,14 @@ class Student(nn.Module):
             images, indices=self.depth, norm=False, output_fmt="NLC", return_prefix_tokens=True)
         blocks = [torch.cat([prefix[:, :1], patch], dim=1) for patch, prefix in intermediates]
         return StudentOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens:], blocks)
+
+    def _masked_features(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """timm's VisionTransformer.forward_features with the masked patch embeddings replaced."""
+        model = self.model
+        x = model.patch_embed(images)  # [B, T, D], or [B, H, W, D] with dynamic_img_size
+        x = torch.where(mask.reshape(x.shape[:-1])[..., None], mask_token.to(x.dtype), x)
+        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+        return model.norm(model.blocks(x))
 
     def no_weight_decay(self) -> set[str]:
         names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()

@@ -7,7 +7,8 @@ attributes and a few hooks what it needs:
 - `sample_spec()`: the views the data pipeline renders per sample (the teacher view, random views, crops) and
   whether labels are needed;
 - `uses_teachers` / `standardize_targets`: whether batches carry teacher targets, and whether those are
-  standardised with the dataset statistics first;
+  standardised with the dataset statistics first; `view_passes`: how often a step runs the student on its
+  view (Proteus: twice, unmasked and masked), for the experiment plans' costs;
 - `ema_heads()`: heads the loop should shadow with an EMA next to the student (DINO's teacher), with
   `ema_momentum(step)`;
 - `forward(student, batch, step, ema)` -> dict with the total `"loss"` and named terms to log;
@@ -29,7 +30,7 @@ from distillery.errors import DistilleryError
 from distillery.train.data import SampleSpec
 
 _REGISTRY: dict[str, type[Method]] = {}
-_MODULES = ("supervised", "dino", "unic", "sefa", "tintem")
+_MODULES = ("supervised", "dino", "unic", "sefa", "tintem", "proteus")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Method(nn.Module, abc.ABC):
     config_class: ClassVar[type]
     uses_teachers: ClassVar[bool] = False
     standardize_targets: ClassVar[bool] = False
+    view_passes: ClassVar[int] = 1  # student forwards per teacher/random view and step (what plans cost)
+    max_teachers: ClassVar[int | None] = None  # a single-teacher method says 1
 
     def __init__(self, config: Any, context: MethodContext):
         super().__init__()
@@ -116,4 +119,7 @@ def method_class(name: str) -> type[Method]:
 def create_method(name: str, settings: dict[str, Any], context: MethodContext) -> Method:
     """The one door to a method: its class by name, its config section checked against its dataclass."""
     cls = method_class(name)
+    if cls.max_teachers is not None and len(context.teachers) > cls.max_teachers:
+        raise DistilleryError(f"{name} distils {cls.max_teachers} teacher(s); got {len(context.teachers)} "
+                              f"({', '.join(t.name for t in context.teachers)}): choose with --cache-teacher")
     return cls(from_mapping(cls.config_class, settings, f"`{name}:` section"), context)
