@@ -22,7 +22,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Directory to create (train/, val/, ood/near/, ood/far/, retrieval/, davis/).")],
+    out: Annotated[Path, typer.Option(help="Directory to create (train/, val/, ood/, retrieval/, davis/, seg/, val-v2/, val-r/, val-c/, val-9/).")],
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels (retrieval images are drawn at twice this).")] = 32,
     train: Annotated[int, typer.Option(help="Training images (10 balanced classes).")] = 5000,
@@ -35,10 +35,13 @@ def data_synth(
     image_format: Annotated[str, typer.Option("--format", help="jpg or png.")] = "jpg",
     workers: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
     davis_sequences: Annotated[int, typer.Option(help="Videos in davis/, the DAVIS-2017-layout set (0: none).")] = 6,
+    seg_train: Annotated[int, typer.Option(help="Training scenes in seg/, the Pascal-VOC-layout segmentation set.")] = 400,
+    seg_val: Annotated[int, typer.Option(help="Validation scenes in seg/ (both 0: no seg/).")] = 100,
+    robustness_images: Annotated[int, typer.Option(help="Images per set in val-v2/, val-r/, val-c/ (per corruption and severity), val-9/ (per variant); 0: none.")] = 200,
 ) -> None:
     """Write the embedded procedural dataset (seeded; same seed, same bytes)."""
     from distillery.data.synth import SynthConfig, generate, image_counts
-    from distillery.data.synth_video import VideoConfig, generate_davis
+    from distillery.data.synth_sets import generate_evaluation_sets
 
     config = SynthConfig(seed=seed, size=size, train=train, val=val, ood_near=ood_near, ood_far=ood_far,
                          landmarks=landmarks, distractors=distractors, shard_size=shard_size,
@@ -46,8 +49,7 @@ def data_synth(
     with progress_bar() as progress:
         tasks = {split: progress.add_task(split, total=n) for split, n in image_counts(config).items()}
         counts = generate(config, out, progress=lambda split, n: progress.advance(tasks[split], n))
-    if davis_sequences:
-        counts["davis (frames)"] = generate_davis(VideoConfig(seed=seed, size=size, sequences=davis_sequences), out / "davis")
+    counts.update(generate_evaluation_sets(out, seed, size, davis_sequences, seg_train, seg_val, robustness_images))
     print_table(f"synth data in {out}", ("part", "images"), list(counts.items()))
 
 
@@ -414,6 +416,34 @@ def eval_linear(
     _eval_task("linear", model, data, settings, out, features_dir, batch_size, workers, device)
 
 
+@eval_app.command("robustness")
+def eval_robustness(
+    model: EvalModelSpec,
+    v2: Annotated[Optional[Path], typer.Option(help="ImageNet-V2: class folders by index (0..999) or by name.")] = None,
+    r: Annotated[Optional[Path], typer.Option("--r", help="ImageNet-R (200 classes; the head is restricted to them).")] = None,
+    a: Annotated[Optional[Path], typer.Option("--a", help="ImageNet-A (200 classes).")] = None,
+    c: Annotated[Optional[Path], typer.Option("--c", help="ImageNet-C: <corruption>/<severity 1-5>/<class>/.")] = None,
+    in9: Annotated[Optional[Path], typer.Option(help="ImageNet-9 (backgrounds challenge): <variant>/val/<class>/.")] = None,
+    probes: Annotated[Optional[Path], typer.Option(help="Where eval linear wrote <model>/linear.safetensors (default: results).")] = None,
+    r_classes: Annotated[Optional[Path], typer.Option(help="JSON {\"classes\": [...]} for --r (default: the shipped ImageNet-R list).")] = None,
+    a_classes: Annotated[Optional[Path], typer.Option(help="JSON {\"classes\": [...]} for --a (default: the shipped ImageNet-A list).")] = None,
+    c_normaliser: Annotated[Optional[Path], typer.Option(help="JSON {\"baseline\", \"errors\"} for mCE (default: <c>/normaliser.json, else AlexNet's).")] = None,
+    in9_mapping: Annotated[Optional[Path], typer.Option(help="JSON {\"in_to_in9\": {index: superclass}} (default: <in9>/in_to_in9.json, else MadryLab's).")] = None,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """The saved linear probe on ImageNet-V2/R/A/C and ImageNet-9: top-1, mCE and BG-gap, without retraining."""
+    from distillery.evaluate.robustness import RobustnessSettings
+    from distillery.evaluate.tasks import EvalData
+
+    sets = {name: path for name, path in (("v2", v2), ("r", r), ("a", a), ("c", c), ("in9", in9)) if path is not None}
+    settings = RobustnessSettings(**_given(r_classes=r_classes and str(r_classes), a_classes=a_classes and str(a_classes),
+                                           c_normaliser=c_normaliser and str(c_normaliser),
+                                           in9_mapping=in9_mapping and str(in9_mapping)))
+    _eval_task("robustness", model, EvalData(robustness=sets, probes=probes), settings, out, features_dir, batch_size,
+               workers, device)
+
+
 @eval_app.command("retrieval")
 def eval_retrieval(
     model: EvalModelSpec,
@@ -523,6 +553,37 @@ def eval_davis(
     show_result(*davis_task(model, data_root, settings, out, save_masks, device))
 
 
+@eval_app.command("segmentation")
+def eval_segmentation(
+    model: EvalModelSpec,
+    data_root: Annotated[Path, typer.Option(help="Pascal VOC layout: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/ (synth: DIR/seg).")],
+    settings: Annotated[Optional[Path], typer.Option(help="YAML of protocol settings (configs/eval/segmentation_synth.yaml for the synth set); default: DINOv2's VOC linear config.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE on top of the settings (iterations=2000, crop_size=448); repeat.")] = None,
+    out: EvalOut = None, device: EvalDevice = None,
+) -> None:
+    """Linear segmentation probe (BatchNorm + 1x1 conv) on frozen last-block patch tokens: DINOv2's protocol, mIoU as mmseg scores it."""
+    from distillery.evaluate.results import show_result
+    from distillery.evaluate.segmentation import read_settings, segmentation_task
+
+    show_result(*segmentation_task(model, data_root, read_settings(settings, tuple(set_ or ())), out, device))
+
+
+@eval_app.command("clustering")
+def eval_clustering(
+    model: EvalModelSpec,
+    val: Annotated[Path, typer.Option(help="Labelled images: k-means with k = their classes, and the labels' silhouette.")],
+    seed: Annotated[int, typer.Option(help="Seed of k-means' restarts.")] = 0,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """NMI of k-means clusters against the labels and the labels' silhouette score on CLS features (SeFA Table 25)."""
+    from distillery.evaluate.analysis import ClusteringSettings
+    from distillery.evaluate.tasks import EvalData
+
+    _eval_task("clustering", model, EvalData(val=val), ClusteringSettings(seed=seed), out, features_dir, batch_size,
+               workers, device)
+
+
 @eval_app.command("suite")
 def eval_suite(config: Annotated[Path, typer.Argument(help="Suite YAML: models, data, tasks, settings, out (see configs/eval_synth.yaml).")]) -> None:
     """Several tasks for several models; writes OUT/<model>/<task>.json and the comparison OUT/summary.md + .json."""
@@ -551,6 +612,43 @@ def teachers_rank(
     settings = CkaSettings(**_given(target=target, tolerance=tolerance))
     result, path = _cka("teachers-rank", teacher, None, data, settings, out, features_dir, batch_size, workers, device)
     show_result(pairs_table(result), path)
+
+
+analyze_app = typer.Typer(help="The papers' analyses of trained models: head orthogonality, attention maps.",
+                          no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("orthogonality")
+def analyze_orthogonality(
+    run: Annotated[Path, typer.Argument(help="A training run directory (its newest checkpoint is read).")],
+    out: Annotated[Optional[Path], typer.Option(help="Result JSON; the density PNG goes beside it (default: results/<run>/orthogonality.json).")] = None,
+) -> None:
+    """||A/α - I||_F of every linear head map of a run (TinTeM Table 4) and the density of A/α's entries (Fig. 4)."""
+    from distillery.evaluate.analysis import head_orthogonality
+    from distillery.evaluate.results import default_path, save_result, show_result
+
+    path = out or default_path(run.name, "orthogonality")
+    result, _ = head_orthogonality(run, path)
+    show_result(result, save_result(result, path))
+
+
+@analyze_app.command("attention")
+def analyze_attention(
+    model: EvalModelSpec,
+    data: Annotated[Path, typer.Option(help="Images (shards or an ImageFolder tree); the first --images are drawn.")],
+    images: Annotated[int, typer.Option(help="How many images.")] = 6,
+    out: Annotated[Optional[Path], typer.Option(help="PNG (default: results/<model>/attention.png).")] = None,
+    device: EvalDevice = None,
+) -> None:
+    """The last block's CLS attention per head over a few images, as one PNG (SeFA appendix F)."""
+    from distillery.evaluate.analysis import attention_figure
+    from distillery.evaluate.features import load_model
+    from distillery.evaluate.results import RESULTS_DIR
+
+    teacher = load_model(model, device)
+    path = attention_figure(teacher, teacher.name, data, out or RESULTS_DIR / teacher.name / "attention.png", images)
+    console.print(f"attention maps of {teacher.name} -> {path}")
 
 
 def hub_offline() -> None:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -70,10 +71,12 @@ def test_linear_probe_chooses_a_learning_rate_on_held_out_train_and_separates_se
     centres = rng.normal(size=(3, 16)) * 4
     features = (centres[labels] + rng.normal(size=(180, 16))).astype(np.float32)
     train, val = LabelledSet(features[::2], labels[::2]), LabelledSet(features[1::2], labels[1::2])
-    result = linear_probe(train, val, 3, LinearConfig(epochs=20, batch_size=32))
+    result, head = linear_probe(train, val, 3, LinearConfig(epochs=20, batch_size=32))
     assert result["val"]["top1"] == pytest.approx(1.0)
     assert result["chosen_lr"] in [s["lr"] for s in result["sweep"]]
-    assert result == linear_probe(train, val, 3, LinearConfig(epochs=20, batch_size=32))  # seeded
+    again, again_head = linear_probe(train, val, 3, LinearConfig(epochs=20, batch_size=32))
+    assert result == again and torch.equal(head.weight, again_head.weight)  # seeded
+    assert head.weight.shape == (1, 3, train.features.shape[1])
 
 
 def test_suite_config_errors_name_the_file_and_the_key(tmp_path, synth_dir, teacher_specs):

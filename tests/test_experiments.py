@@ -182,6 +182,11 @@ def _fake_results(results: Path, experiment) -> None:
         (directory / "linear.json").write_text(json.dumps({"metrics": {"val": {"top1": top1 + 0.05}, "chosen_lr": 0.01}}))
         sets = {name: {"auroc": 0.9, "fpr95_idtpr": 0.3} for name in experiment.dataset.ood}
         (directory / "ood.json").write_text(json.dumps({"metrics": {"sets": sets, "groups": {}}}))
+        scores = {"J&F-Mean": 0.6, "J-Mean": 0.58, "F-Mean": 0.62}
+        (directory / "davis.json").write_text(json.dumps({"metrics": {"global": scores}}))
+        (directory / "segmentation.json").write_text(json.dumps({"metrics": {"mIoU": 0.7, "mAcc": 0.8, "aAcc": 0.9}}))
+        robust = {"v2": {"top1": 0.6}, "r": {"top1": 0.4}, "a": {"top1": 0.2}, "c": {"mCE": 0.5}, "in9": {"bg_gap": 0.1}}
+        (directory / "robustness.json").write_text(json.dumps({"metrics": robust}))
 
 
 def test_report_sets_reproduced_beside_the_papers_numbers(tmp_path):
@@ -196,7 +201,8 @@ def test_report_sets_reproduced_beside_the_papers_numbers(tmp_path):
     rows = json.loads(report_json.read_text())["rows"]
     assert len(rows) == len(experiment.models) * len(experiment.metrics)
     assert all(r["reproduced"] is not None for r in rows)
-    assert [(r["model"], r["metric"]) for r in rows[:4]] == [(r.model, r.metric) for r in experiment.paper_results]
+    papers = experiment.paper_results
+    assert [(r["model"], r["metric"]) for r in rows[:len(papers)]] == [(r.model, r.metric) for r in papers]
     assert rows[0]["result"].endswith("eval/vit_small_patch14_dinov2.lvd142m@224/knn.json#metrics/k=20/top1")
 
 

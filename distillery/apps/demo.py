@@ -153,8 +153,14 @@ def run_demo(config: DemoConfig) -> Path:
 def _synth(steps: Steps, config: DemoConfig) -> Path:
     from distillery.data.synth import SynthConfig, generate
 
+    from distillery.data.synth_sets import generate_evaluation_sets
+
     synth = config.work / "synth"
     steps.run(f"synth data -> {synth}", synth.exists(), lambda: generate(SynthConfig(**config.synth), synth))
+    still = SynthConfig(**config.synth)
+    sets = ("davis", "seg", "val-v2", "val-r", "val-c", "val-9")
+    steps.run(f"evaluation sets -> {synth}/{{{','.join(sets)}}}", all((synth / s).exists() for s in sets),
+              lambda: generate_evaluation_sets(synth, still.seed, still.size))
     return synth
 
 
@@ -302,6 +308,9 @@ def _with_overrides(run: ModelRun, work: Path) -> Path:
     return path
 
 
+ROBUSTNESS_SETS = {"v2": "v2", "r": "r", "c": "c", "in9": "9"}  # robustness set -> synth/val-<directory>
+
+
 def _suite_config(config: DemoConfig, synth: Path, models: dict[str, str]) -> dict[str, Any]:
     from distillery.evaluate.suite import suite_config_values
 
@@ -309,4 +318,5 @@ def _suite_config(config: DemoConfig, synth: Path, models: dict[str, str]) -> di
                                config.evaluation.get("tasks", ["knn", "linear", "retrieval", "ood", "cka"]),
                                config.evaluation.get("settings", {}), str(config.work / "eval"),
                                {"near": str(synth / "ood" / "near"), "far": str(synth / "ood" / "far")},
-                               ("synth", str(synth / "retrieval")))
+                               ("synth", str(synth / "retrieval")), str(synth / "davis"), str(synth / "seg"),
+                               {name: str(synth / f"val-{directory}") for name, directory in ROBUSTNESS_SETS.items()})

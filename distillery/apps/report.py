@@ -24,8 +24,9 @@ from distillery.config import read_yaml
 from distillery.errors import DistilleryError
 from distillery.evaluate.baselines import COLOUR_HISTOGRAM, RAW_PIXELS
 from distillery.evaluate.claims import Roles, all_claims, claims_markdown
-from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, knn_top1, ood_metric, read_metric, read_result,
-                                        retrieval_map, write_json)
+from distillery.data.shards import CLASS_LABEL
+from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, higher_is_better, knn_top1, labelled_task, ood_metric,
+                                         read_metric, read_result, retrieval_map, write_json)
 from distillery.evaluate.suite import SuiteConfig, summary_columns
 
 
@@ -51,7 +52,7 @@ COLUMNS = (
 
 def suite_columns(suite: SuiteConfig) -> tuple[Column, ...]:
     """The columns of a suite's summary (every task but CKA, labelled tasks included), FPR lower-is-better."""
-    return tuple(Column(title, where, higher_is_better="fpr" not in where.keys[-1])
+    return tuple(Column(title, where, higher_is_better=higher_is_better(where))
                  for task in suite.tasks if task != "cka" for title, where in summary_columns(task, suite))
 
 
@@ -104,6 +105,40 @@ def floors_markdown(floors: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def robustness_markdown(rows: list[dict[str, Any]], columns: tuple[Column, ...], probe_task: str) -> str | None:
+    """The probe's own top-1 beside its robustness columns, as SeFA's Table 2 lays them out (IN-1k, V2, R, A,
+    C); None when the suite has no robustness task."""
+    chosen = [i for i, c in enumerate(columns) if c.where.task in ("robustness", probe_task)]
+    if not any(columns[i].where.task == "robustness" for i in chosen):
+        return None
+    return markdown_table([{**row, "values": [row["values"][i] for i in chosen]} for row in rows],
+                          tuple(columns[i] for i in chosen))
+
+
+def analysis_figures(models: dict[str, str], runs: dict[str, Path], data: str, out: Path) -> tuple[dict[str, Path], list[str]]:
+    """SeFA appendix F's attention maps of every ViT, and TinTeM Table 4 / Fig. 4 for every run whose method
+    has linear heads; returns the figures and the markdown lines of the orthogonality table."""
+    from distillery.evaluate.analysis import attention_figure, head_orthogonality
+    from distillery.evaluate.features import load_model
+    from distillery.evaluate.results import save_result
+    from distillery.train import checkpoint as ckpt
+
+    figures: dict[str, Path] = {}
+    for name, spec in models.items():
+        model = load_model(spec, device="cpu")
+        if model.has_class_token and hasattr(model.model, "blocks"):
+            figures[f"{name}: last-block CLS attention"] = attention_figure(model, name, data, out / f"attention-{name}.png")
+    lines = ["| run | head map | shape | ‖A/α − I‖_F |", "|---|---|---|---:|"]
+    for name, run_dir in runs.items():
+        if ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir)).get("config", {}).get("method") != "tintem":
+            continue
+        result, figure = head_orthogonality(run_dir, out / f"orthogonality-{name}.json")
+        save_result(result, out / f"orthogonality-{name}.json")
+        figures[f"{name}: Gram entries of the teacher head"] = figure
+        lines += [f"| {name} | {head} | {shape} | {score} |" for head, shape, score in result.rows]
+    return figures, lines
+
+
 def write_report(suite_config: str | Path, teachers: list[str], students: list[str], runs: dict[str, Path],
                  out: str | Path, pca_data: str | None = None, pca_images: int = 4, baselines: tuple[str, ...] = (),
                  columns: tuple[Column, ...] = COLUMNS, roles: Roles | None = None) -> Path:
@@ -134,9 +169,12 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
     figures = {"training losses": plot_losses(runs, out / "losses.png"),
                "metrics": plot_metrics(rows, out / "metrics.png", columns),
                "CKA between models": _cka_figure(names, matrix, out / "cka.png")}
+    orthogonality: list[str] = []
     if pca_data:
         figures["patch features, first 3 principal components as RGB"] = plot_patch_pca(
             {m: suite["models"][m] for m in models}, pca_data, pca_images, out / "patch_pca.png")
+        analyses, orthogonality = analysis_figures({m: suite["models"][m] for m in models}, runs, pca_data, out)
+        figures.update(analyses)
 
     lines = ["# distillery demo report", "",
              f"Evaluation: `{suite_config}` (results in `{eval_dir}`). Percentages; ↓ lower is better. "
@@ -146,6 +184,15 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
              markdown_table(rows, columns), "", "## Teachers' CKA (on the validation set)", "",
              "| teacher pair | linear CKA | debiased CKA |", "|---|---:|---:|"]
     lines += [f"| {a} – {b} | {c:.3f} | {d:.3f} |" for a, b, c, d in pairs]
+    probe_label = ((suite.get("settings") or {}).get("robustness") or {}).get("label", CLASS_LABEL)
+    robustness = robustness_markdown(rows, columns, labelled_task("linear", probe_label))
+    if robustness:
+        lines += ["", "## Robustness (the layout of SeFA's Table 2)", "",
+                  f"The `{labelled_task('linear', probe_label)}` probe, trained once, on the synth analogues of "
+                  "ImageNet-V2 (a fresh draw), -R (renditions of 6 shapes, the head restricted to them), -C (mCE "
+                  "against raw-pixel kNN's errors) and ImageNet-9 (BG-gap = mixed_same − mixed_rand).", "", robustness]
+    if len(orthogonality) > 2:
+        lines += ["", "## Teacher-head orthogonality (TinTeM Table 4)", "", *orthogonality]
     saved: dict[str, Any] = {"columns": [c.title for c in columns], "rows": rows,
                              "teacher_cka": [{"pair": [a, b], "linear": c, "debiased": d} for a, b, c, d in pairs]}
     if roles is not None:

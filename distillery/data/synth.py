@@ -253,21 +253,45 @@ def _finish(canvas: Image.Image, size: int) -> Image.Image:
     return canvas.resize((size, size), Image.LANCZOS)
 
 
+@dataclass(frozen=True)
+class ObjectLayers:
+    """An object image before compositing, at the supersampled side: what the ImageNet-9-style variants
+    recombine (a foreground on another image's ground, a ground without its foreground)."""
+
+    ground: Image.Image
+    fill: Image.Image  # the object's patterned fill over the whole canvas
+    mask: Image.Image  # L: where the object is
+    factors: dict[str, int]
+
+    def composite(self, ground: Image.Image | None = None) -> Image.Image:
+        canvas = (ground or self.ground).copy()
+        canvas.paste(self.fill, (0, 0), self.mask)
+        return canvas
+
+
+def object_layers(rng: np.random.Generator, name: str, size: int) -> ObjectLayers:
+    """The layers of `render_object`'s image, drawn from `rng` in the same order (so the same bytes follow)."""
+    side = size * SUPERSAMPLE
+    background = int(rng.integers(len(BACKGROUNDS)))
+    obj = _draw_object(rng, name, side, scale=(0.5, 0.85), margin=0.35, rotation=math.radians(45))
+    ground = _background(rng, background, side, avoid_hue=60 * obj.family)
+    mask = _shape_mask(obj.shape, side, obj.centre, obj.radius, obj.angle, obj.aspect)
+    fill = _pattern_fill(rng, obj.pattern, side, np.array(obj.colour, np.float32), obj.radius)
+    factors = {"pattern": obj.pattern, "background": background, "colour": obj.family}
+    if name in ID_CLASSES:
+        factors["shape"] = ID_CLASSES.index(name)
+    return ObjectLayers(ground, fill, mask, factors)
+
+
 def render_object(rng: np.random.Generator, name: str, size: int) -> tuple[Image.Image, dict[str, int]]:
     """One patterned object of shape `name` on a ground of a random family; returns the image and its factors.
 
     Pose varies widely (rotation, scale, position), so pixels line up poorly between images of one shape.
     """
-    side = size * SUPERSAMPLE
-    background = int(rng.integers(len(BACKGROUNDS)))
-    obj = _draw_object(rng, name, side, scale=(0.5, 0.85), margin=0.35, rotation=math.radians(45))
-    canvas = _background(rng, background, side, avoid_hue=60 * obj.family)
-    _paste_object(canvas, rng, obj)
+    layers = object_layers(rng, name, size)
+    canvas = layers.composite()
     _clutter(canvas, rng, int(rng.integers(0, 2)), size=(0.03, 0.05))
-    factors = {"pattern": obj.pattern, "background": background, "colour": obj.family}
-    if name in ID_CLASSES:
-        factors["shape"] = ID_CLASSES.index(name)
-    return _finish(canvas, size), factors
+    return _finish(canvas, size), layers.factors
 
 
 def _texture(rng: np.random.Generator, side: int) -> Image.Image:

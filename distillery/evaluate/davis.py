@@ -34,6 +34,7 @@ from scipy.ndimage import binary_dilation
 
 from distillery.config import ConfigError
 from distillery.errors import DistilleryError
+from distillery.evaluate.features import model_device, patch_grid
 
 
 @dataclass(frozen=True)
@@ -254,20 +255,6 @@ def global_scores(per_sequence: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ the task
 
-def patch_grid(teacher, height: int, width: int) -> tuple[int, int]:
-    """The patch grid a model makes of an input of this size (timm's ViT rule, or the CNN's feature map)."""
-    patch_embed = getattr(teacher.model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
-        return tuple(patch_embed.dynamic_feat_size((height, width)))
-    with torch.inference_mode():
-        features = teacher.model.forward_features(torch.zeros(1, 3, height, width, device=_device(teacher)))
-    return tuple(features.shape[-2:])
-
-
-def _device(teacher) -> torch.device:
-    return next(teacher.parameters()).device
-
-
 def segment_sequence(teacher, sequence: Sequence, settings: DavisSettings,
                      batch_size: int = 16) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """(annotations, predictions, objects) of one sequence: the frames' patch features and the propagation."""
@@ -289,7 +276,7 @@ def segment_sequence(teacher, sequence: Sequence, settings: DavisSettings,
                     raise DistilleryError(f"{path}: frame is {image.size[0]}x{image.size[1]}, frame 0 {size[0]}x{size[1]}")
                 frame = np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255
             pixels.append((torch.from_numpy(frame).permute(2, 0, 1) - mean) / std)
-        tokens = teacher(torch.stack(pixels).to(_device(teacher))).patch
+        tokens = teacher(torch.stack(pixels).to(model_device(teacher))).patch
         features += list(tokens.cpu())
     soft = propagate(features, one_hot(annotations[0], grid, objects), grid, settings)
     stride = (height / grid[0], width / grid[1])

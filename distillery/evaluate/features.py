@@ -103,6 +103,20 @@ def patch_size(teacher: Teacher) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def model_device(teacher: Teacher) -> torch.device:
+    return next(teacher.parameters()).device
+
+
+def patch_grid(teacher: Teacher, height: int, width: int) -> tuple[int, int]:
+    """The patch grid a model makes of an input of this size (timm's ViT rule, or the CNN's feature map)."""
+    patch_embed = getattr(teacher.model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size((height, width)))
+    with torch.inference_mode():
+        features = teacher.model.forward_features(torch.zeros(1, 3, height, width, device=model_device(teacher)))
+    return tuple(features.shape[-2:])
+
+
 @torch.inference_mode()
 def pool_features(teacher: Teacher, images: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """[B, D] features of normalised images [B, 3, H, W]."""

@@ -130,9 +130,11 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
 
 def linear_probe(train: LabelledSet, val: LabelledSet, num_classes: int, config: LinearConfig = LinearConfig(),
-                 extra: dict[str, LabelledSet] | None = None, device: str = "cpu") -> dict[str, Any]:
+                 extra: dict[str, LabelledSet] | None = None,
+                 device: str = "cpu") -> tuple[dict[str, Any], LinearHeads]:
     """Sweep the LR grid on train minus a held-out split, pick the LR with the best held-out top-1 (the smaller
-    LR on ties), retrain on all of train at that LR, and score val and every extra set."""
+    LR on ties), retrain on all of train at that LR, and score val and every extra set. Returns the metrics
+    and the final probe (one head)."""
     with _single_thread_on_cpu(device):
         return _linear_probe(train, val, num_classes, config, extra or {}, device)
 
@@ -153,7 +155,7 @@ def _single_thread_on_cpu(device: str) -> Iterator[None]:
 
 
 def _linear_probe(train: LabelledSet, val: LabelledSet, num_classes: int, config: LinearConfig,
-                  extra: dict[str, LabelledSet], device: str) -> dict[str, Any]:
+                  extra: dict[str, LabelledSet], device: str) -> tuple[dict[str, Any], LinearHeads]:
     lrs = config.learning_rates()
     fit, held = holdout_split(train.labels, config.holdout, config.seed)
     sweep = train_heads(train.features[fit], train.labels[fit], num_classes, lrs, config, device)
@@ -166,6 +168,7 @@ def _linear_probe(train: LabelledSet, val: LabelledSet, num_classes: int, config
         logits = final.logits(torch.as_tensor(labelled.features, dtype=torch.float32, device=device))[0].cpu()
         return accuracy(logits, labelled.labels, labelled.class_mask)
 
-    return {"chosen_lr": lrs[best], "holdout_top1_at_chosen_lr": held_top1[best],
-            "sweep": [{"lr": lr, "holdout_top1": top1} for lr, top1 in zip(lrs, held_top1)],
-            "val": score(val), "extra": {name: score(labelled) for name, labelled in extra.items()}}
+    return ({"chosen_lr": lrs[best], "holdout_top1_at_chosen_lr": held_top1[best],
+             "sweep": [{"lr": lr, "holdout_top1": top1} for lr, top1 in zip(lrs, held_top1)],
+             "val": score(val), "extra": {name: score(labelled) for name, labelled in extra.items()}},
+            LinearHeads(final.weight.cpu(), final.bias.cpu()))

@@ -22,7 +22,7 @@ import distillery
 from distillery.console import print_table
 from distillery.data.shards import CLASS_LABEL
 from distillery.errors import DistilleryError
-from distillery.files import write_atomic
+from distillery.files import atomic_path, write_atomic
 
 RESULTS_DIR = Path("results")
 
@@ -36,6 +36,7 @@ class TaskResult:
     metrics: dict[str, Any]
     columns: tuple[str, ...]  # the rich table printed for it (not saved)
     rows: list[tuple[Any, ...]]
+    tensors: dict[str, Any] | None = None  # weights a later task reuses (the linear probe), saved beside the JSON
 
     def to_json(self) -> dict[str, Any]:
         return jsonable({"task": self.task, "models": self.models, "data": self.data, "settings": self.settings,
@@ -77,7 +78,20 @@ def write_json(path: str | os.PathLike, values: Any) -> Path:
 
 
 def save_result(result: TaskResult, path: str | os.PathLike) -> Path:
+    """The JSON, and first the result's tensors as `<name>.safetensors` beside it (with the model's fingerprint
+    in its metadata), so a JSON on disk always has its weights."""
+    if result.tensors:
+        from safetensors.torch import save_file
+
+        with atomic_path(tensors_path(path)) as partial:
+            save_file({k: v.contiguous() for k, v in result.tensors.items()}, str(partial),
+                      metadata={"result": json.dumps(jsonable({"task": result.task, "models": result.models,
+                                                               "settings": result.settings}))})
     return write_json(path, result.to_json())
+
+
+def tensors_path(result_path: str | os.PathLike) -> Path:
+    return Path(result_path).with_suffix(".safetensors")
 
 
 def show_result(result: TaskResult, path: Path | None = None) -> None:
@@ -136,6 +150,11 @@ def davis_score(name: str = "J&F-Mean") -> MetricPath:
     return MetricPath("davis", ("global", name))
 
 
+def segmentation_score(name: str = "mIoU") -> MetricPath:
+    """`name`: mIoU, mAcc or aAcc (mmseg's summary)."""
+    return MetricPath("segmentation", (name,))
+
+
 def retrieval_map(protocol: str) -> MetricPath:
     """`protocol`: "medium" or "hard"."""
     return MetricPath("retrieval", (protocol, "map"))
@@ -144,6 +163,14 @@ def retrieval_map(protocol: str) -> MetricPath:
 def ood_metric(name: str, metric: str, grouped: bool) -> MetricPath:
     """`metric` of OOD set `name`, or of group `name` (the mean over its sets) when `grouped`."""
     return MetricPath("ood", ("groups" if grouped else "sets", name, metric))
+
+
+LOWER_IS_BETTER = ("fpr95_id_tpr", "fpr95_ood_tpr", "mCE", "bg_gap")
+
+
+def higher_is_better(where: MetricPath) -> bool:
+    """Whether a larger number is the better one (error rates, FPRs and the background gap are not)."""
+    return where.keys[-1] not in LOWER_IS_BETTER
 
 
 def read_result(path: Path) -> dict[str, Any]:

@@ -36,8 +36,11 @@ from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
 from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
 from distillery.files import write_atomic
+from distillery.evaluate.robustness import COLUMNS as ROBUSTNESS_COLUMNS
+from distillery.evaluate.robustness import SETS as ROBUSTNESS_SETS
 from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, davis_score, default_path, knn_top1,
-                                        linear_top1, ood_metric, percent, retrieval_map, save_result, write_json)
+                                        linear_top1, ood_metric, percent, retrieval_map, save_result,
+                                        segmentation_score, write_json)
 from distillery.evaluate.tasks import (ANY_SIZE_TASKS, SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData,
                                        EvalModel, RetrievalData, cka_features, cka_task, settings_from_dict)
 from distillery.models.teachers import teacher_name
@@ -98,7 +101,8 @@ def run_cka(specs: list[str], feature_files: list[str], data: Path | None, setti
 # ---------------------------------------------------------------------------------------------- the suite
 
 TOP_KEYS = ("models", "data", "tasks", "settings", "out", "batch_size", "workers", "device")
-DATA_KEYS = ("train", "val", "ood", "retrieval", "extra", "extra_classes", "cka", "davis")
+DATA_KEYS = ("train", "val", "ood", "retrieval", "extra", "extra_classes", "cka", "davis", "segmentation",
+             "robustness", "probes")
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,11 @@ def _suite_data(values: dict, source: Path) -> EvalData:
         retrieval = RetrievalData(str(entry["dataset"]), Path(entry["root"]))
     path = lambda key: Path(values[key]) if values.get(key) else None  # noqa: E731
     paths = lambda key: {str(k): Path(v) for k, v in _mapping(values.get(key, {}), f"data.{key}", source).items()}  # noqa: E731
+    robustness = paths("robustness")
+    check_keys(robustness, f"{source}: data.robustness", ROBUSTNESS_SETS)
     return EvalData(train=path("train"), val=path("val"), ood=ood, ood_groups=groups, retrieval=retrieval,
-                    extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"), davis=path("davis"))
+                    extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"), davis=path("davis"),
+                    segmentation=path("segmentation"), robustness=robustness, probes=path("probes"))
 
 
 LABELLED_TASKS = ("knn", "linear")
@@ -154,7 +161,8 @@ def task_settings(config: SuiteConfig, entry: str) -> Any:
 
 def suite_config_values(models: dict[str, str], train: str, val: str, tasks: list[str], settings: dict[str, Any],
                         out: str, ood: dict[str, str] | None = None, retrieval: tuple[str, str] | None = None,
-                        davis: str | None = None) -> dict[str, Any]:
+                        davis: str | None = None, segmentation: str | None = None,
+                        robustness: dict[str, str] | None = None) -> dict[str, Any]:
     """The mapping of a suite YAML file (what `read_suite_config` reads), for the applications that write one;
     `retrieval` is (revisitop dataset name, root)."""
     data: dict[str, Any] = {"train": train, "val": val}
@@ -164,6 +172,10 @@ def suite_config_values(models: dict[str, str], train: str, val: str, tasks: lis
         data["retrieval"] = {"dataset": retrieval[0], "root": retrieval[1]}
     if davis:
         data["davis"] = davis
+    if segmentation:
+        data["segmentation"] = segmentation
+    if robustness:
+        data["robustness"] = dict(robustness)
     return {"models": dict(models), "data": data, "tasks": list(tasks), "settings": dict(settings), "out": out}
 
 
@@ -190,11 +202,22 @@ def read_suite_config(path: str | Path) -> SuiteConfig:
         raise DistilleryError(f"{path}: the cka task compares models; list at least two under models")
     settings_values = _mapping(values.get("settings") or {}, "settings", path)
     check_keys(settings_values, f"{path}: settings", tuple(SETTINGS))
-    settings = {task: settings_from_dict(task, _mapping(settings_values.get(task) or {}, f"settings.{task}", path), str(path))
-                for task in SETTINGS}
-    return SuiteConfig(models, _suite_data(_mapping(values.get("data"), "data", path), path), tuple(tasks), settings,
-                       Path(values.get("out") or SuiteConfig.out), int(values.get("batch_size", SuiteConfig.batch_size)),
+    settings = {task: _task_settings(task, settings_values.get(task), path) for task in SETTINGS}
+    out = Path(values.get("out") or SuiteConfig.out)
+    data = _suite_data(_mapping(values.get("data"), "data", path), path)
+    if data.probes is None:  # the robustness task reads the probes this suite's linear task saves
+        data = dataclasses.replace(data, probes=out)
+    if "robustness" in tasks and "linear" in tasks and tasks.index("robustness") < tasks.index("linear"):
+        raise DistilleryError(f"{path}: list linear before robustness in tasks (robustness reuses its probe)")
+    return SuiteConfig(models, data, tuple(tasks), settings, out, int(values.get("batch_size", SuiteConfig.batch_size)),
                        int(values.get("workers", SuiteConfig.workers)), values.get("device"))
+
+
+def _task_settings(task: str, value: Any, path: Path) -> Any:
+    """A task's settings: a mapping, or the path of a YAML file holding one (configs/eval/segmentation_synth.yaml)."""
+    if isinstance(value, str):
+        return settings_from_dict(task, _mapping(read_yaml(value), "its settings", Path(value)), value)
+    return settings_from_dict(task, _mapping(value or {}, f"settings.{task}", path), str(path))
 
 
 @dataclass
@@ -260,6 +283,13 @@ def summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPat
         return [("retrieval M mAP", retrieval_map("medium")), ("retrieval H mAP", retrieval_map("hard"))]
     if task == "davis":
         return [("DAVIS J&F", davis_score("J&F-Mean")), ("DAVIS J", davis_score("J-Mean")), ("DAVIS F", davis_score("F-Mean"))]
+    if task == "segmentation":
+        return [("seg mIoU", segmentation_score("mIoU"))]
+    if task == "clustering":
+        return [("NMI", MetricPath("clustering", ("nmi",))), ("silhouette x100", MetricPath("clustering", ("silhouette",)))]
+    if task == "robustness":
+        sets = config.data.robustness
+        return [(title, MetricPath("robustness", keys)) for name, title, keys in ROBUSTNESS_COLUMNS if name in sets]
     grouped = bool(config.data.ood_groups)
     return [column for name in (config.data.ood_groups if grouped else config.data.ood)
             for column in ((f"OOD {name} AUROC", ood_metric(name, "auroc", grouped)),
@@ -297,6 +327,11 @@ def summary_markdown(columns: tuple[str, ...], rows: list[tuple[str, ...]], conf
         notes.append(f"DAVIS ({config.data.davis}): label propagation (context 1 + {s.n_last_frames} frames, "
                      f"top {s.topk} within {s.neighbourhood} patches, T={s.temperature:g}), frames at short side "
                      f"{s.short_side}; J&F-Mean as davis2017-evaluation computes it.")
+    if "segmentation" in config.tasks:
+        s = config.settings["segmentation"]
+        notes.append(f"Segmentation ({config.data.segmentation}): DINOv2's linear probe (BatchNorm + 1x1 conv on "
+                     f"last-block patch tokens), {s.iterations} iterations of {s.batch_size} {s.crop_size}-px crops, "
+                     f"slide inference; mIoU as mmseg computes it.")
     if "ood" in config.tasks:
         s = config.settings["ood"]
         notes.append(f"OOD: KNN score, k={s.k}, {s.train_fraction:.0%} of ID train; FPR@95 = share of OOD accepted "

@@ -21,7 +21,10 @@ from distillery.config import from_mapping
 from distillery.data.shards import CLASS_LABEL, ShardSet
 from distillery.errors import DistilleryError
 from distillery.evaluate import cka, ood, retrieval
+from distillery.evaluate.analysis import ClusteringSettings, clustering_task
 from distillery.evaluate.davis import DavisSettings, davis_result
+from distillery.evaluate.robustness import RobustnessSettings, robustness_task
+from distillery.evaluate.segmentation import SegmentationSettings, segmentation_result
 from distillery.evaluate.features import (MULTI_SCALES, Extraction, Features, FileSource, ImageFile,
                                           KeepAspect, Pooling, extract_features, load_model, open_images, patch_size)
 from distillery.evaluate.knn import DEFAULT_KS, TEMPERATURE, knn_accuracy
@@ -49,6 +52,9 @@ class EvalData:
     extra_classes: dict[str, Path] = field(default_factory=dict)  # extra set name -> JSON list of its classes
     cka: Path | None = None  # the images CKA compares models on (default: val)
     davis: Path | None = None  # a DAVIS-2017 layout (JPEGImages/, Annotations/, ImageSets/)
+    segmentation: Path | None = None  # a Pascal VOC layout (JPEGImages/, SegmentationClass/, ImageSets/)
+    robustness: dict[str, Path] = field(default_factory=dict)  # v2, r, a, c, in9 -> its directory
+    probes: Path | None = None  # where <model>/linear.safetensors lie (default: results/)
 
     def require(self, task: str) -> None:
         """Fail before any model runs when `task` lacks data."""
@@ -60,7 +66,9 @@ class EvalData:
 
 
 REQUIRED_DATA = {"knn": ("train", "val"), "linear": ("train", "val"), "retrieval": ("retrieval",),
-                 "ood": ("train", "val", "ood"), "cka": (), "davis": ("davis",)}
+                 "ood": ("train", "val", "ood"), "cka": (), "davis": ("davis",),
+                 "segmentation": ("segmentation",), "robustness": ("robustness",),
+                 "clustering": ("val",)}
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,8 @@ class CkaSettings:
 
 
 SETTINGS = {"knn": KnnSettings, "linear": LinearSettings, "retrieval": RetrievalSettings, "ood": OodSettings,
-            "cka": CkaSettings, "davis": DavisSettings}
+            "cka": CkaSettings, "davis": DavisSettings, "segmentation": SegmentationSettings,
+            "robustness": RobustnessSettings, "clustering": ClusteringSettings}
 
 
 def settings_from_dict(task: str, values: dict[str, Any], source: str) -> Any:
@@ -183,6 +192,8 @@ def class_mask(path: Path, train_classes: tuple[str, ...] | None, num_classes: i
         listed = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise DistilleryError(f"{path}: not a readable JSON list of classes ({error})") from error
+    if isinstance(listed, dict):  # a data file with its source: {"source": ..., "classes": [...]}
+        listed = listed.get("classes")
     if not isinstance(listed, list) or not listed:
         raise DistilleryError(f"{path}: expected a non-empty JSON list of class names or indices")
     mask = np.zeros(num_classes, bool)
@@ -243,7 +254,8 @@ def linear_task(model: EvalModel, data: EvalData, settings: LinearSettings, extr
         mask = class_mask(data.extra_classes[name], train_classes, num_classes) if name in data.extra_classes else None
         sets[name], fingerprints[name] = LabelledSet(features.features, labels, mask), features.fingerprint["data"]
     val = sets.pop("val")
-    metrics = linear_probe(LabelledSet(train.features, train.labels), val, num_classes, settings, sets, model.device)
+    metrics, probe = linear_probe(LabelledSet(train.features, train.labels), val, num_classes, settings, sets,
+                                  model.device)
     rows = [("val", percent(metrics["val"]["top1"]), percent(metrics["val"]["top5"]), "")]
     rows += [(name, percent(m["top1"]), percent(m["top5"]), f"{int(sets[name].class_mask.sum())} classes"
               if sets[name].class_mask is not None else "") for name, m in metrics["extra"].items()]
@@ -252,8 +264,10 @@ def linear_task(model: EvalModel, data: EvalData, settings: LinearSettings, extr
     selection = (f"LR with the best top-1 on a stratified {settings.holdout:.0%} of train (seed {settings.seed}); "
                  "the probe is then retrained on all of train at that LR")
     return TaskResult(labelled_task("linear", settings.label), model.describe(), fingerprints,
-                      {**dataclasses.asdict(settings), "selection": selection, "features": pooling.describe()},
-                      metrics, ("set", "top-1 %", "top-5 %", ""), rows)
+                      {**dataclasses.asdict(settings), "selection": selection, "features": pooling.describe(),
+                       "classes": list(train_classes) if train_classes else None},
+                      metrics, ("set", "top-1 %", "top-5 %", ""), rows,
+                      tensors={"weight": probe.weight[0], "bias": probe.bias[0]})
 
 
 def retrieval_task(model: EvalModel, data: EvalData, settings: RetrievalSettings, extraction: Extraction) -> TaskResult:
@@ -318,9 +332,16 @@ def davis_suite_task(model: EvalModel, data: EvalData, settings: DavisSettings, 
     return davis_result(model.teacher, model.name, model.spec, data.davis, settings)
 
 
+def segmentation_suite_task(model: EvalModel, data: EvalData, settings: SegmentationSettings,
+                            extraction: Extraction) -> TaskResult:
+    """The linear segmentation probe (it augments every crop, so no feature cache)."""
+    return segmentation_result(model.teacher, model.name, model.spec, data.segmentation, settings)
+
+
 SINGLE_MODEL_TASKS = {"knn": knn_task, "linear": linear_task, "retrieval": retrieval_task, "ood": ood_task,
-                      "davis": davis_suite_task}
-ANY_SIZE_TASKS = ("retrieval", "davis")  # their images keep their own shape: ViTs need dynamic_img_size
+                      "davis": davis_suite_task, "segmentation": segmentation_suite_task,
+                      "robustness": robustness_task, "clustering": clustering_task}
+ANY_SIZE_TASKS = ("retrieval", "davis", "segmentation")  # their images keep their own shape: ViTs need dynamic_img_size
 TASKS = (*SINGLE_MODEL_TASKS, "cka")
 
 

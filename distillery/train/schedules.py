@@ -25,3 +25,13 @@ def warmup_constant(step: int, base: float, warmup_steps: int = 0, warmup_start:
     if step < warmup_steps:
         return warmup_start + (base - warmup_start) * step / warmup_steps
     return base
+
+
+def warmup_poly(step: int, total_steps: int, base: float, power: float = 1.0, final: float = 0.0,
+                warmup_steps: int = 0, warmup_ratio: float = 1e-6) -> float:
+    """mmcv's `poly` policy with `linear` warmup (mmseg's decode-head schedules): (base - final) x
+    (1 - step/total)^power + final, and over the warmup that value x (1 - (1 - step/warmup) (1 - ratio))."""
+    lr = (base - final) * (1 - step / total_steps) ** power + final
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr

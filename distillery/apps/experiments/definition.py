@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from distillery.config import check_keys, project_path, read_yaml
 from distillery.errors import DistilleryError
 from distillery.apps.experiments.metrics import TASKS, MetricPath, metric_paths
+from distillery.evaluate.robustness import SETS as ROBUSTNESS_SETS
 
 EXPERIMENTS_DIR = Path("configs/experiments")
 # CacheConfig fields an experiment may set (the teachers are its own key). `view_config` is a YAML file of
@@ -52,6 +53,8 @@ class Dataset:
     ood: dict[str, Split] = field(default_factory=dict)
     retrieval: tuple[str, Split] | None = None  # (revisitop dataset name, root holding <name>/gnd_<name>.pkl)
     davis: Split | None = None  # a DAVIS-2017 layout; images = frames of the split
+    segmentation: Split | None = None  # a Pascal VOC layout; images = train + val
+    robustness: dict[str, Split] = field(default_factory=dict)  # v2, r, a, c, in9 (evaluate/robustness.py)
 
 
 class PaperResult(NamedTuple):
@@ -95,7 +98,7 @@ class Experiment:
     def metrics(self) -> dict[str, MetricPath]:
         """Every metric the report shows for each model, and where the evaluation JSON keeps it."""
         retrieval = self.dataset.retrieval[0] if self.dataset.retrieval else None
-        return metric_paths(self.tasks, list(self.dataset.ood), retrieval)
+        return metric_paths(self.tasks, list(self.dataset.ood), retrieval, tuple(self.dataset.robustness))
 
 
 def experiment_names(directory: Path = EXPERIMENTS_DIR) -> list[str]:
@@ -134,14 +137,16 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
                "view_config": view_file}, train=Path(values["train"]),
         dataset=load_dataset(Path(values["data"])), tasks=tasks, eval_settings=settings,
         paper_results=_paper_results(values["paper_results"], path))
-    if "davis" in experiment.tasks and experiment.dataset.davis is None:
-        raise ExperimentError(f"{path}: eval: the davis task needs a davis: entry in {values['data']}")
+    for task in ("davis", "segmentation", "robustness"):
+        if task in experiment.tasks and not getattr(experiment.dataset, task):
+            raise ExperimentError(f"{path}: eval: the {task} task needs a {task}: entry in {values['data']}")
     _check_paper_results(experiment)
     return experiment
 
 
 def load_dataset(path: Path) -> Dataset:
-    values = _check_keys(read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval", "davis"))
+    values = _check_keys(read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval", "davis", "segmentation",
+                                                                                   "robustness"))
     ood = values.get("ood") or {}
     if not isinstance(ood, dict):
         raise ExperimentError(f"{path}: ood: expected a mapping of set names to {{path, images}}")
@@ -149,9 +154,12 @@ def load_dataset(path: Path) -> Dataset:
     if values.get("retrieval") is not None:
         entry = _check_keys(values["retrieval"], f"{path}: retrieval", ("dataset", "path", "images"))
         retrieval = (str(entry["dataset"]), _split({"path": entry["path"], "images": entry["images"]}, f"{path}: retrieval"))
-    davis = _split(values["davis"], f"{path}: davis") if values.get("davis") is not None else None
+    davis, segmentation = (_split(values[key], f"{path}: {key}") if values.get(key) is not None else None
+                           for key in ("davis", "segmentation"))
+    robustness = _check_keys(values.get("robustness") or {}, f"{path}: robustness", (), ROBUSTNESS_SETS)
     return Dataset(str(values["name"]), _split(values["train"], f"{path}: train"), _split(values["val"], f"{path}: val"),
-                   {str(name): _split(split, f"{path}: ood: {name}") for name, split in ood.items()}, retrieval, davis)
+                   {str(name): _split(split, f"{path}: ood: {name}") for name, split in ood.items()}, retrieval, davis,
+                   segmentation, {name: _split(split, f"{path}: robustness: {name}") for name, split in robustness.items()})
 
 
 def _check_keys(values: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:

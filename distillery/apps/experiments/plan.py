@@ -7,6 +7,7 @@ here yet (DATA, weights) are notes saying what a run will need, and in a run (`s
 
 from __future__ import annotations
 
+
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -155,7 +156,8 @@ def _plan_data(plan: ExperimentPlan) -> None:
     retrieval = dataset.retrieval if "retrieval" in experiment.tasks else None
     if data is None or not data.is_dir():
         layout = [s.path + "/" for s in splits.values()] + ([f"{retrieval[1].path}/{retrieval[0]}/"] if retrieval else [])
-        layout += [f"{dataset.davis.path}/"] if "davis" in experiment.tasks else []
+        layout += [f"{getattr(dataset, task).path}/" for task in ("davis", "segmentation") if task in experiment.tasks]
+        layout += [f"{split.path}/" for split in dataset.robustness.values()] if "robustness" in experiment.tasks else []
         plan.missing(("DATA= not given" if data is None else f"DATA={data}: no such directory")
                      + f": a run needs DATA=DIR holding {dataset.name} as shards ({', '.join(layout)})"
                      + ("" if plan.inputs.strict else "; the plan uses the published image counts"))
@@ -170,6 +172,15 @@ def _plan_data(plan: ExperimentPlan) -> None:
     if "davis" in experiment.tasks:  # the definition made sure the dataset file has a davis: entry
         count = plan.check(_count_davis, data, dataset.davis) if data else None
         plan.counts["davis"] = count or Count(dataset.davis.images, "published count (DAVIS-2017 val frames)")
+    if "robustness" in experiment.tasks:
+        for name, split in dataset.robustness.items():
+            if data and not (data / split.path).is_dir():
+                plan.missing(f"DATA={data}: no {split.path}/ (the robustness set {name}; evaluate/robustness.py says its layout)")
+            plan.counts[f"robustness {name}"] = Count(split.images, f"published count ({name})")
+    if "segmentation" in experiment.tasks:
+        count = plan.check(_count_segmentation, data, dataset.segmentation) if data else None
+        plan.counts["segmentation"] = count or Count(dataset.segmentation.images,
+                                                     "published count (segmentation train + val)")
 
 
 def _count_shards(data: Path, split: Split, label: str) -> Count:
@@ -188,6 +199,16 @@ def _count_retrieval(data: Path, name: str, split: Split) -> Count:
     if not (root / f"gnd_{name}.pkl").exists():
         raise MissingInput(f"DATA={data}: no {split.path}/{name}/gnd_{name}.pkl (revisitop layout: gnd_{name}.pkl + jpg/)")
     return Count(len(list((root / "jpg").glob("*.jpg"))), f"{root}/jpg")
+
+
+def _count_segmentation(data: Path, split: Split) -> Count:
+    root = data / split.path / "ImageSets" / "Segmentation"
+    listings = [root / f"{name}.txt" for name in ("train", "val")]
+    missing = [p for p in listings if not p.exists()]
+    if missing:
+        raise MissingInput(f"DATA={data}: no {missing[0].relative_to(data)} (the Pascal VOC layout)")
+    images = sum(len([n for n in p.read_text().splitlines() if n.strip()]) for p in listings)
+    return Count(images, f"{root} (train + val)")
 
 
 def _count_davis(data: Path, split: Split) -> Count:
@@ -236,14 +257,15 @@ def _plan_training(plan: ExperimentPlan) -> tuple[ModelGeometry, float] | None:
             student_depth=student.depth, teachers=tuple(infos[n] for n in (config.cache_teachers or infos)),
             label_classes={}, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, seed=config.seed)
         try:
-            sample = create_method(config.method, config.method_config, context).sample_spec()
+            method = create_method(config.method, config.method_config, context)
+            sample = method.sample_spec()
         except DistilleryError:
             raise
         except Exception as error:  # the real teachers' names and dims reach code that tests with tiny teachers never do
             raise ExperimentError(f"{path}: building method {config.method} for the teachers {list(infos)} fails "
                                   f"({type(error).__name__}: {error})") from error
         geometry = architecture(config.student, **config.student_args)
-        passes = [(1, geometry.input_size)] if sample.teacher_view or sample.random_view else []
+        passes = [(method.view_passes, geometry.input_size)] if sample.teacher_view or sample.random_view else []
         passes += [(crops.count, tuple(crops.size)) for crops in sample.crops]
         pass_gflops = sum(count * (geometry.gflops if size == geometry.input_size else probe(student.model, size)[2])
                           for count, size in passes)
@@ -263,11 +285,27 @@ def _plan_hours(plan: ExperimentPlan, throughput: Throughput | None, student: Mo
                                       f"{plan.method}: {n:,} images x {plan.epochs} epochs")])
     images = sum(c.images for c in plan.counts.values())
     models = [(plan.experiment.student, student)] + [(t.name, t.geometry) for t in plan.teachers]
-    plan.hours["eval"] = gpu_hours([(images, forward_rate(throughput, g), f"{name} features") for name, g in models])
+    work = [(images, forward_rate(throughput, g), f"{name} features") for name, g in models]
+    if "segmentation" in plan.experiment.tasks:
+        work += _segmentation_work(plan, throughput, models)
+    plan.hours["eval"] = gpu_hours(work)
     plan.notes.append("cache hours count teacher forwards; decoding and view rendering run on the CPU workers "
                       "(cache: workers) and bound the rate when they are slower")
     plan.notes.append("eval hours count one forward per image of every split for every model (features are extracted "
-                      "once; probe fitting and search are not counted)")
+                      "once; probe fitting and search are not counted), plus the segmentation probe's crops")
+
+
+def _segmentation_work(plan: ExperimentPlan, throughput: Throughput | None, models) -> list:
+    """The segmentation probe's forwards: every training crop and slide window, in images of the model's own
+    input size (a forward costs about the square of the side ratio)."""
+    from distillery.evaluate.tasks import settings_from_dict
+
+    settings = settings_from_dict("segmentation", plan.experiment.eval_settings.get("segmentation") or {},
+                                  str(plan.experiment.path))
+    crops = settings.iterations * settings.batch_size
+    return [(crops * (settings.crop_size / g.input_size[0]) ** 2, forward_rate(throughput, g),
+             f"{name} segmentation probe: {settings.iterations:,} x {settings.batch_size} crops of {settings.crop_size} px")
+            for name, g in models]
 
 
 def _plan_steps(plan: ExperimentPlan) -> None:
@@ -314,7 +352,10 @@ def eval_suite(plan: ExperimentPlan, teachers: dict[str, str], student_dir: Path
     ood = {name: f"{data}/{split.path}" for name, split in dataset.ood.items()} if "ood" in experiment.tasks else None
     retrieval = ((dataset.retrieval[0], f"{data}/{dataset.retrieval[1].path}")
                  if "retrieval" in experiment.tasks and dataset.retrieval else None)
-    davis = f"{data}/{dataset.davis.path}" if "davis" in experiment.tasks and dataset.davis else None
+    davis, segmentation = (f"{data}/{getattr(dataset, task).path}" if task in experiment.tasks else None
+                           for task in ("davis", "segmentation"))
     return suite_config_values({experiment.student: f"local-dir:{student_dir}", **teachers},
                                f"{data}/{dataset.train.path}", f"{data}/{dataset.val.path}", list(experiment.tasks),
-                               experiment.eval_settings, str(plan.out / "eval"), ood, retrieval, davis)
+                               experiment.eval_settings, str(plan.out / "eval"), ood, retrieval, davis,
+                               segmentation, {name: f"{data}/{split.path}" for name, split in dataset.robustness.items()}
+                               if "robustness" in experiment.tasks else None)
