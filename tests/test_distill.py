@@ -20,7 +20,8 @@ from distillery.train.targets import resize_patch_grid
 from tests.conftest import TINY_DINO, TINY_STUDENT, TINY_SUPERVISED
 
 METHOD_SETTINGS = {"unic": {"mlp_hidden_dim": 64}, "sefa": {"head_hidden_dim": 64, "dino": TINY_DINO}, "tintem": {},
-                   "dino": TINY_DINO, "supervised": TINY_SUPERVISED}
+                   "dino": TINY_DINO, "supervised": TINY_SUPERVISED, "ibot": {**TINY_DINO, "pred_ratio": (0.3,),
+                                                                             "pred_ratio_var": (0.1,)}}
 
 
 # ------------------------------------------------------------------ losses on fixed tensors

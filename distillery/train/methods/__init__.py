@@ -30,7 +30,7 @@ from distillery.errors import DistilleryError
 from distillery.train.data import SampleSpec
 
 _REGISTRY: dict[str, type[Method]] = {}
-_MODULES = ("supervised", "dino", "unic", "sefa", "tintem", "proteus")
+_MODULES = ("supervised", "dino", "ibot", "unic", "sefa", "tintem", "proteus")
 
 
 @dataclass(frozen=True)

@@ -184,16 +184,19 @@ class DinoHooks:
 
 @register_method
 class Dino(DinoHooks, Method):
+    """A self-supervised method that is its objective alone (`ibot` is this with iBOT's objective)."""
+
     name = "dino"
     config_class = DinoConfig
+    objective_class = DinoObjective
 
     def __init__(self, config: DinoConfig, context: MethodContext):
         super().__init__(config, context)
-        self.objective = DinoObjective(config, context)
+        self.objective = self.objective_class(config, context)
 
     def sample_spec(self) -> SampleSpec:
         return SampleSpec(crops=self.objective.crop_specs())
 
     def forward(self, student, batch, step, ema):
         loss, metrics = self.objective(student, batch, step, ema)
-        return {"loss": loss, "dino": loss.detach(), **metrics}
+        return {"loss": loss, self.name: loss.detach(), **metrics}

@@ -1,5 +1,6 @@
-"""`sefa`: multi-teacher distillation regularised by DINO self-supervision ("Self-Supervision Improves
-Multi-Teacher Distillation", ICLR 2026 submission; no public code, built from its equations).
+"""`sefa`: multi-teacher distillation regularised by DINO (or, with `ssl: ibot`, iBOT) self-supervision
+("Self-Supervision Improves Multi-Teacher Distillation", ICLR 2026 submission; no public code, built from its
+equations).
 
     L = λ · L_DINO + (1 − λ) · L_distill,   L_distill = Σ_teachers L_sim,   L_sim = α (1 − cos) + (1 − α) smoothL1
 
@@ -22,6 +23,7 @@ from distillery.config import ConfigError, from_mapping
 from distillery.train.data import SampleSpec
 from distillery.train.methods import Method, MethodContext, register_method
 from distillery.train.methods.dino import DinoConfig, DinoHooks, DinoObjective
+from distillery.train.methods.ibot import IbotConfig, IbotObjective
 from distillery.train.methods.heads import MLP
 from distillery.train.methods.losses import TOKEN_LOSSES
 
@@ -32,12 +34,23 @@ class SefaConfig:
     alpha: float = 0.5  # weight of (1 - cos) in L_sim
     cls_only: bool = False
     head_hidden_dim: int = 2048
-    dino: dict = field(default_factory=dict)  # DinoConfig settings of the SSL part
+    ssl: str = "dino"  # the SSL objective: dino, or ibot (SeFA Table 1 compares both)
+    dino: dict = field(default_factory=dict)  # DinoConfig settings of the SSL part (ssl: dino)
+    ibot: dict = field(default_factory=dict)  # IbotConfig settings of the SSL part (ssl: ibot)
 
     def __post_init__(self) -> None:
         if not 0 <= self.ssl_weight <= 1:
             raise ConfigError(f"sefa ssl_weight (λ) must be in [0, 1], got {self.ssl_weight}")
-        from_mapping(DinoConfig, self.dino, "dino")  # checked with the rest of the section, before anything is built
+        if self.ssl not in SSL_OBJECTIVES:
+            raise ConfigError(f"sefa ssl must be one of {', '.join(SSL_OBJECTIVES)}, got {self.ssl!r}")
+        unused = "ibot" if self.ssl == "dino" else "dino"
+        if getattr(self, unused):
+            raise ConfigError(f"sefa: a {unused}: section with ssl: {self.ssl} would be ignored")
+        # checked with the rest of the section, before anything is built
+        from_mapping(SSL_OBJECTIVES[self.ssl][0], getattr(self, self.ssl), self.ssl)
+
+
+SSL_OBJECTIVES = {"dino": (DinoConfig, DinoObjective), "ibot": (IbotConfig, IbotObjective)}
 
 
 def sefa_loss(ssl_loss: torch.Tensor, distill_loss: torch.Tensor, ssl_weight: float) -> torch.Tensor:
@@ -53,7 +66,9 @@ class Sefa(DinoHooks, Method):
 
     def __init__(self, config: SefaConfig, context: MethodContext):
         super().__init__(config, context)
-        self.objective = DinoObjective(from_mapping(DinoConfig, config.dino, "`sefa:` section: dino"), context)
+        config_class, objective = SSL_OBJECTIVES[config.ssl]
+        self.objective = objective(from_mapping(config_class, getattr(config, config.ssl), f"`sefa:` section: {config.ssl}"),
+                                   context)
         parts = ("cls",) if config.cls_only else ("cls", "patch")
         # In teacher order, not keyed by name: timm names hold dots, which module names cannot.
         self.heads = nn.ModuleList(
@@ -81,4 +96,4 @@ class Sefa(DinoHooks, Method):
         distill, metrics = self.distill_loss(student, batch)
         ssl, ssl_metrics = self.objective(student, batch, step, ema)
         loss = sefa_loss(ssl, distill, self.config.ssl_weight)
-        return {"loss": loss, "dino": ssl.detach(), "distill": distill.detach(), **metrics, **ssl_metrics}
+        return {"loss": loss, self.config.ssl: ssl.detach(), "distill": distill.detach(), **metrics, **ssl_metrics}
