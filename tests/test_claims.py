@@ -11,7 +11,8 @@ from distillery.evaluate.results import knn_top1, ood_metric
 
 TEACHERS = {"shape_t": "shape", "pattern_t": "pattern"}
 STUDENTS = {"unic": ("unic", ("shape_t", "pattern_t")), "sefa": ("sefa", ("shape_t", "pattern_t")),
-            "unic_shape": ("unic", ("shape_t",)), "tintem_shape": ("tintem", ("shape_t",))}
+            "unic_shape": ("unic", ("shape_t",)), "tintem_shape": ("tintem", ("shape_t",)),
+            "proteus_shape": ("proteus", ("shape_t",))}
 TASKS = (knn_top1(20, "shape"), knn_top1(20, "pattern"), ood_metric("near", "auroc", True))
 ROLES = Roles(TEACHERS, STUDENTS, TASKS, alone="alone")
 VAL = {"keys_sha256": "same images"}
@@ -51,6 +52,8 @@ RULES = {
     "SeFA ≥ UNIC": lambda n: n[0] >= n[1],
     "TinTeM > UNIC": lambda n: n[0] > n[1],
     "TinTeM < UNIC": lambda n: n[0] < n[1],
+    "TinTeM > Proteus": lambda n: n[0] > n[1],
+    "TinTeM < Proteus": lambda n: n[0] < n[1],
     "head ≥ teacher − 1 pt": lambda n: n[0] >= n[1] - 0.01,
     "distilled ≥ alone": lambda n: n[0] >= n[1],
 }
@@ -83,10 +86,14 @@ def test_claims_read_the_files_and_change_when_they_do(tmp_path):
 
 def test_agreement_counts_matching_predictions_and_refuses_other_val_sets(tmp_path):
     _world(tmp_path, np.random.default_rng(1))
-    for model, predictions in (("tintem_shape", [1, 2, 3, 4]), ("unic_shape", [1, 0, 0, 0]), ("shape_t", [1, 2, 3, 0])):
+    for model, predictions in (("tintem_shape", [1, 2, 3, 4]), ("unic_shape", [1, 0, 0, 0]), ("shape_t", [1, 2, 3, 0]),
+                               ("proteus_shape", [1, 2, 0, 0])):
         _write(tmp_path, model, "knn-shape", {"k=20": {"top1": 0.9}, "predictions": {"k=20": predictions}}, {"val": VAL})
-    agreement = next(c for c in all_claims(tmp_path, ROLES)["claims"] if "agreement" in c.statement)
-    assert agreement.numbers == {"tintem_shape": 0.75, "unic_shape": 0.5} and agreement.holds
+    agreements = [c for c in all_claims(tmp_path, ROLES)["claims"] if "agreement" in c.statement]
+    unic = next(c for c in agreements if "UNIC" in c.statement)
+    assert unic.numbers == {"tintem_shape": 0.75, "unic_shape": 0.5} and unic.holds
+    proteus = next(c for c in agreements if "Proteus" in c.statement)
+    assert proteus.numbers == {"tintem_shape": 0.75, "proteus_shape": 0.75} and not proteus.holds  # a tie is not more
     _write(tmp_path, "shape_t", "knn-shape", {"k=20": {"top1": 0.9}, "predictions": {"k=20": [1, 2, 3, 0]}},
            {"val": {"keys_sha256": "other images"}})
     with pytest.raises(DistilleryError, match="different val sets"):
