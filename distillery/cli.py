@@ -7,13 +7,25 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import distillery  # noqa: F401  (registers torchvision op schemas before anything imports timm)
+import distillery  # registers torchvision op schemas before anything imports timm
 import typer
 
 from distillery.console import console, print_mapping, print_table, progress_bar, stdout
 from distillery.errors import DistilleryError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        stdout.print(f"distillery {distillery.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """The `distillery` command line: one thin command per verb. Each parses options and calls one function."""
 data_app = typer.Typer(help="Make, convert and inspect webdataset image shards.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

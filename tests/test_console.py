@@ -43,3 +43,17 @@ def test_a_stage_that_has_not_run_shows_no_rate():
     rates = stage_rates({"decode": 500, "forward": 256, "write": 0}, {"decode": 1.0, "forward": 0.5, "write": 0.0})
     assert rates == "decode 500 img/s · forward 512 img/s · write ..."
     assert "write ..." in stage_rates({"decode": 1, "forward": 1, "write": 500}, {"decode": 1, "forward": 1, "write": 1e-9})
+
+
+def test_version_from_the_script_and_from_python_dash_m():
+    import subprocess
+    import sys
+
+    import distillery
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+
+    assert CliRunner().invoke(app, ["--version"]).stdout.strip() == f"distillery {distillery.__version__}"
+    out = subprocess.run([sys.executable, "-m", "distillery", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"distillery {distillery.__version__}"

@@ -58,6 +58,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be positive")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs:g}) must be at least 0 and below epochs ({self.epochs}): "
+                              "a longer warm-up never reaches the peak LR (set a shorter one, e.g. --set warmup_epochs=1)")
         if self.repeated_augmentation < 1:
             raise ConfigError(f"repeated_augmentation must be 1 (off) or more, got {self.repeated_augmentation}")
         if self.clip_mode not in ("global", "per_parameter"):
@@ -107,7 +110,11 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str
         if not merged.get(key):
             raise ConfigError(f"{source}: no {key} given (--{key} or `{key}:` in the config)")
     from_mapping(method_cls.config_class, section, f"{source}: `{method}:` section")
-    return from_mapping(TrainConfig, {**merged, "method_config": section}, source)
+    config = from_mapping(TrainConfig, {**merged, "method_config": section}, source)
+    teachers = config.teachers or config.cache_teachers  # a whole store's teachers are known once it is opened
+    if method_cls.max_teachers is not None and teachers and len(teachers) > method_cls.max_teachers:
+        raise ConfigError(f"{source}: {method} distils {method_cls.max_teachers} teacher(s); got {len(teachers)}")
+    return config
 
 
 def save(config: TrainConfig, path: str | Path) -> None:
