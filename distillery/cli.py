@@ -441,6 +441,7 @@ def eval_robustness(
     a_classes: Annotated[Optional[Path], typer.Option(help="JSON {\"classes\": [...]} for --a (default: the shipped ImageNet-A list).")] = None,
     c_normaliser: Annotated[Optional[Path], typer.Option(help="JSON {\"baseline\", \"errors\"} for mCE (default: <c>/normaliser.json, else AlexNet's).")] = None,
     in9_mapping: Annotated[Optional[Path], typer.Option(help="JSON {\"in_to_in9\": {index: superclass}} (default: <in9>/in_to_in9.json, else MadryLab's).")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Whose probe: the class (default) or the factor `eval linear --label` trained it on.")] = None,
     out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
     workers: EvalWorkers = 2, device: EvalDevice = None,
 ) -> None:
@@ -451,7 +452,7 @@ def eval_robustness(
     sets = {name: path for name, path in (("v2", v2), ("r", r), ("a", a), ("c", c), ("in9", in9)) if path is not None}
     settings = RobustnessSettings(**_given(r_classes=r_classes and str(r_classes), a_classes=a_classes and str(a_classes),
                                            c_normaliser=c_normaliser and str(c_normaliser),
-                                           in9_mapping=in9_mapping and str(in9_mapping)))
+                                           in9_mapping=in9_mapping and str(in9_mapping), label=label))
     _eval_task("robustness", model, EvalData(robustness=sets, probes=probes), settings, out, features_dir, batch_size,
                workers, device)
 

@@ -39,8 +39,6 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypa
         "`tintem:` section: unknown key 'temperaturez'":
             ["train", "--method", "tintem", "--set", "tintem.temperaturez=[0.1]", *never_built],
         "--set 'epochs': expected KEY=VALUE": ["train", "--method", "unic", "--set", "epochs", *never_built],
-        "warmup_epochs (10) must be at least 0 and below epochs (1)": ["train", "--method", "unic", "--epochs", "1",
-                                                                       *never_built],
         "proteus distils 1 teacher(s); got 2": ["train", "--method", "proteus", "--teacher", "local-dir:/a",
                                                 "--teacher", "local-dir:/b", "--data", str(tiny_synth / "train"),
                                                 "--out", str(tmp_path / "p")],

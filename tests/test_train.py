@@ -241,3 +241,11 @@ def test_per_parameter_clipping_is_dinos_clip_gradients():
     assert not torch.equal(list(global_.parameters())[1].grad, grads[1])  # the global rule shrinks the small one too
     with pytest.raises(DistilleryError, match="clip_mode must be"):
         TrainConfig(method="dino", data="d", out="o", clip_mode="norm")
+
+
+def test_a_warmup_as_long_as_the_run_is_clamped_to_a_tenth_of_it(capsys):
+    from distillery.train.loop import warmup_steps
+
+    assert warmup_steps(2, 50, 500, 10) == 100  # shorter than the run: as given
+    assert warmup_steps(10, 50, 50, 1) == 5  # the default 10 epochs on a 1-epoch run: a tenth of it
+    assert "clamped to 5 steps" in capsys.readouterr().err

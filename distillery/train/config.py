@@ -58,9 +58,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be positive")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs:g}) must be at least 0 and below epochs ({self.epochs}): "
-                              "a longer warm-up never reaches the peak LR (set a shorter one, e.g. --set warmup_epochs=1)")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be at least 0, got {self.warmup_epochs:g}")
         if self.repeated_augmentation < 1:
             raise ConfigError(f"repeated_augmentation must be 1 (off) or more, got {self.repeated_augmentation}")
         if self.clip_mode not in ("global", "per_parameter"):

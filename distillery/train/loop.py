@@ -21,7 +21,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from distillery.cache.store import CacheError, CacheStore
-from distillery.console import console, progress_bar
+from distillery.console import console, is_main_process, progress_bar
 from distillery.data.shards import ShardSet
 from distillery.data.views import ViewConfig, normalize
 from distillery.errors import DistilleryError
@@ -136,6 +136,19 @@ def prepare_batch(batch: dict[str, Any], device: torch.device, mean: tuple[float
     return out
 
 
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int, epochs: int) -> int:
+    """The LR warm-up in steps; one as long as the run (a short run with a recipe's 10 epochs would never reach
+    its peak LR) is clamped to a tenth of the run, and said so."""
+    steps = int(warmup_epochs * steps_per_epoch)
+    if steps < total_steps:
+        return steps
+    clamped = total_steps // 10
+    if is_main_process():
+        console.print(f"[yellow]warm-up of {warmup_epochs:g} epochs is not shorter than this {epochs}-epoch run; "
+                      f"clamped to {clamped} steps (a tenth of the run) so the LR reaches its peak[/]")
+    return clamped
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, dist: DistInfo, resume: bool = False):
         self.config, self.dist = config, dist
@@ -148,6 +161,7 @@ class Trainer:
         self.steps_per_epoch = max(1, shard_set.num_samples // config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.end_step = self.total_steps if config.max_steps is None else min(config.max_steps, self.total_steps)
+        self.warmup_steps = warmup_steps(config.warmup_epochs, self.steps_per_epoch, self.total_steps, config.epochs)
 
         self.student = initial_student(config.student, config.student_args, config.seed)  # the same on every rank
         with torch.random.fork_rng(devices=[]):  # building teacher models must not move the seeded init of the heads
@@ -230,8 +244,7 @@ class Trainer:
 
     def _set_schedules(self, step: int) -> dict[str, float]:
         c = self.config
-        warmup = int(c.warmup_epochs * self.steps_per_epoch)
-        lr = warmup_cosine(step, self.total_steps, c.peak_lr, c.min_lr, warmup)
+        lr = warmup_cosine(step, self.total_steps, c.peak_lr, c.min_lr, self.warmup_steps)
         wd = c.weight_decay if c.weight_decay_end is None else warmup_cosine(step, self.total_steps, c.weight_decay, c.weight_decay_end)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
