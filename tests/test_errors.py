@@ -69,3 +69,37 @@ def test_project_configs_resolve_from_any_working_directory(tmp_path, monkeypatc
     assert read_yaml("configs/demo.yaml")["teachers"]
     experiment = load_experiment("tintem-vitt14-dinov2s")
     assert experiment.cache["view_config"] == "configs/views/tintem.yaml" and experiment.dataset.name == "ImageNet-1k"
+
+
+class _RunsCode:
+    """A pickle that would call os.system when loaded with full unpickling."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo pwned",)
+
+
+def test_a_pytorch_model_bin_local_dir_loads_and_a_code_running_pickle_is_refused(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from distillery.errors import DistilleryError
+    from distillery.models.students import create_student, export_local_dir
+    from distillery.models.teachers import create_teacher
+
+    torch.manual_seed(0)
+    export_local_dir(create_student("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2),
+                     tmp_path / "safe")
+    shutil.copytree(tmp_path / "safe", tmp_path / "bin")
+    state = load_file(tmp_path / "bin" / "model.safetensors")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")  # what save_for_hf writes without safetensors
+    images = torch.randn(2, 3, 32, 32)
+    safe, binary = (create_teacher(f"local-dir:{tmp_path / d}", "cpu") for d in ("safe", "bin"))
+    assert torch.equal(safe(images).cls, binary(images).cls)
+    torch.save({**state, "extra": _RunsCode()}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(DistilleryError, match="holds more than tensors .loading it would run code."):
+        create_teacher(f"local-dir:{tmp_path / 'bin'}", "cpu")

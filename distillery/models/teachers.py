@@ -4,7 +4,8 @@ A spec is anything `timm.create_model` accepts with `pretrained=True`:
 - a registry name with a pretrained tag, `vit_small_patch16_224.dino` (weights from the local Hugging Face
   cache; offline mode is on, so a missing file fails at once with a message saying where to put it),
 - `hf-hub:org/repo`,
-- `local-dir:/path`, a directory with `config.json` + `model.safetensors` as timm's `save_for_hf` writes it
+- `local-dir:/path`, a directory with `config.json` + `model.safetensors` (or `pytorch_model.bin`) as timm's
+  `save_for_hf` writes it
   (exported students and the demo's teachers).
 
 timm's loaders read safetensors, or fall back to `torch.load(weights_only=True)`; nothing is unpickled.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -64,14 +66,19 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# What a local-dir may hold, in timm's order of preference: safetensors, or a torch file timm opens with
+# torch.load(weights_only=True), which rebuilds tensors and refuses any other object (no code runs).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def load_pretrained(spec: str, **kwargs) -> nn.Module:
     """`timm.create_model(spec, pretrained=True)` with errors that say what to do."""
     if spec.startswith("local-dir:"):
         path = Path(spec[len("local-dir:"):])
         if not (path / "config.json").exists():
             raise DistilleryError(f"{spec}: no config.json in {path} (expected the layout of timm's save_for_hf)")
-        if not (path / "model.safetensors").exists():
-            raise DistilleryError(f"{spec}: no model.safetensors in {path}; pickled weight files are not loaded")
+        if not any((path / name).exists() for name in WEIGHT_FILES):
+            raise DistilleryError(f"{spec}: no {' or '.join(WEIGHT_FILES)} in {path}")
     elif "/" in spec and not spec.startswith("hf-hub:"):
         raise DistilleryError(f"{spec!r} looks like a path: write local-dir:{spec}")
     try:
@@ -84,7 +91,10 @@ def load_pretrained(spec: str, **kwargs) -> nn.Module:
             f"On a machine with network run `HF_HUB_OFFLINE=0 python -c \"import timm; timm.create_model('{spec}', "
             f"pretrained=True)\"` and copy that cache here (or point HF_HOME at it), or pass local-dir:/path "
             f"to a directory written by timm's save_for_hf") from error
-    except RuntimeError as error:
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        if "weights_only" in str(error):  # torch.load(weights_only=True), in timm, met something other than tensors
+            raise DistilleryError(f"{spec}: its weight file holds more than tensors (loading it would run code); "
+                                  "only safetensors or a tensors-only torch file is loaded") from error
         if "Unknown model" not in str(error):
             raise
         arch = spec.split(".")[0]
