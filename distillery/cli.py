@@ -209,11 +209,12 @@ def export(
     out: Annotated[Path, typer.Option(help="Directory for config.json + model.safetensors.")],
     ema: Annotated[bool, typer.Option(help="Export the EMA weights (DINO's teacher) instead of the student's.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="A specific checkpoint (default: the newest).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace what a non-empty --out holds.")] = False,
 ) -> None:
     """Write a run's backbone as a timm local-dir model: timm.create_model('local-dir:OUT', pretrained=True)."""
     from distillery.train.export import export_run
 
-    path = export_run(run, out, ema=ema, checkpoint=checkpoint)
+    path = export_run(run, out, ema=ema, checkpoint=checkpoint, overwrite=overwrite)
     console.print(f"exported {run} to local-dir:{path}")
 
 
@@ -222,11 +223,12 @@ def export_init(
     config: Annotated[Path, typer.Argument(help="A train config: its student, student_args and seed.")],
     out: Annotated[Path, typer.Option(help="Directory for config.json + model.safetensors.")],
     seed: Annotated[Optional[int], typer.Option(help="Initialisation seed (default: the config's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace what a non-empty --out holds.")] = False,
 ) -> None:
     """Write a config's student untrained, as a local-dir model: the random-init baseline for `distillery eval`."""
     from distillery.train.export import export_initial
 
-    path = export_initial(config, out, seed)
+    path = export_initial(config, out, seed, overwrite=overwrite)
     console.print(f"exported the initial {config} student to local-dir:{path}")
 
 

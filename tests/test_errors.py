@@ -26,6 +26,9 @@ def _write(path, values):
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypatch, capsys):
     # method errors must come before anything is built: teachers that do not exist are never reached
     never_built = ["--teacher", "local-dir:/nowhere", "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r")]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("someone else's")
     cases = {
         "--size must be at least 16 px, got 8": ["data", "synth", "--out", str(tmp_path / "s"), "--size", "8"],
         "v.yaml: unknown key 'bogus'": ["cache-teachers", "--data", str(tiny_synth / "train"), "--teacher", "x",
@@ -39,6 +42,7 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypa
         "`tintem:` section: unknown key 'temperaturez'":
             ["train", "--method", "tintem", "--set", "tintem.temperaturez=[0.1]", *never_built],
         "--set 'epochs': expected KEY=VALUE": ["train", "--method", "unic", "--set", "epochs", *never_built],
+        "full: not empty; give --overwrite": ["export-init", "configs/unic_synth.yaml", "--out", str(full)],
         "proteus distils 1 teacher(s); got 2": ["train", "--method", "proteus", "--teacher", "local-dir:/a",
                                                 "--teacher", "local-dir:/b", "--data", str(tiny_synth / "train"),
                                                 "--out", str(tmp_path / "p")],

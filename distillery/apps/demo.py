@@ -197,7 +197,7 @@ def train_shipped_teachers(config: DemoConfig, only: tuple[str, ...] = ()) -> li
             shutil.rmtree(run_dir, ignore_errors=True)  # always the whole recipe from step 0: the result is its seed's
             train({"data": str(synth / "train"), "out": str(run_dir)}, recipe)
             shutil.rmtree(out, ignore_errors=True)
-            export_run(run_dir, out, ema=run.ema)
+            export_run(run_dir, out, ema=run.ema, overwrite=True)
 
         steps.run(f"train {run.name} ({run.config}) -> {out}", False, train_and_export)
         write_json(out / PROVENANCE, {
@@ -280,7 +280,7 @@ def _trained(steps: Steps, run: ModelRun, work: Path, data: str, extra: dict[str
         resume = bool(ckpt.list_checkpoints(run_dir)) if run_dir.exists() else False
         values = {} if resume else {"data": data, "out": str(run_dir), **extra}
         train(values, None if resume else _with_overrides(run, work), resume=resume)
-        export_run(run_dir, export_dir, ema=run.ema)
+        export_run(run_dir, export_dir, ema=run.ema, overwrite=True)  # a step left unfinished is redone
 
     steps.run(f"train {run.name} ({run.config}) -> {export_dir}", (export_dir / "model.safetensors").exists(),
               train_and_export)
@@ -292,7 +292,7 @@ def _untrained(steps: Steps, name: str, train_config: str, work: Path) -> str:
 
     export_dir = work / "models" / name
     steps.run(f"untrained {name} ({train_config}) -> {export_dir}", (export_dir / "model.safetensors").exists(),
-              lambda: export_initial(train_config, export_dir))
+              lambda: export_initial(train_config, export_dir, overwrite=True))
     return f"local-dir:{export_dir}"
 
 

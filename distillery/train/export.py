@@ -7,13 +7,23 @@ from pathlib import Path
 from distillery.models.students import Student, export_local_dir, initial_student
 from distillery.train import checkpoint as ckpt
 from distillery.config import ConfigError, read_yaml
+from distillery.errors import DistilleryError
 
 BACKBONE_PREFIX = "student.model."
 EMA_BACKBONE_PREFIX = "module.backbone.model."
 
 
-def export_run(run_dir: str | Path, out: str | Path, ema: bool = False, checkpoint: str | Path | None = None) -> Path:
+def refuse_non_empty(out: str | Path, overwrite: bool) -> None:
+    """An export replaces what a directory holds only when asked: another model's files would be mixed in."""
+    out = Path(out)
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise DistilleryError(f"{out}: not empty; give --overwrite to replace what it holds")
+
+
+def export_run(run_dir: str | Path, out: str | Path, ema: bool = False, checkpoint: str | Path | None = None,
+               overwrite: bool = False) -> Path:
     """Export the newest checkpoint of `run_dir` (or `checkpoint`); `ema` takes the EMA weights (DINO's teacher)."""
+    refuse_non_empty(out, overwrite)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     state = ckpt.load_checkpoint(path)
     student = Student.from_config(state["student_config"])
@@ -31,9 +41,10 @@ def export_run(run_dir: str | Path, out: str | Path, ema: bool = False, checkpoi
     return export_local_dir(student, out, tag=f"distillery-{'ema' if ema else 'student'}-step{state['step']}")
 
 
-def export_initial(config_file: str | Path, out: str | Path, seed: int | None = None) -> Path:
+def export_initial(config_file: str | Path, out: str | Path, seed: int | None = None, overwrite: bool = False) -> Path:
     """Export the student a train config starts from, untrained: the random-init baseline of an evaluation.
     With the config's seed it is bit for bit the starting point of a run of that config."""
+    refuse_non_empty(out, overwrite)
     values = read_yaml(config_file)
     if not values.get("student"):
         raise ConfigError(f"{config_file}: no student given")
