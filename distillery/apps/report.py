@@ -121,7 +121,7 @@ def analysis_figures(models: dict[str, str], runs: dict[str, Path], data: str, o
     from distillery.evaluate.analysis import attention_figure, head_orthogonality
     from distillery.evaluate.features import load_model
     from distillery.evaluate.results import save_result
-    from distillery.train import checkpoint as ckpt
+    from distillery.train.loop import CONFIG_FILE
 
     figures: dict[str, Path] = {}
     for name, spec in models.items():
@@ -130,7 +130,7 @@ def analysis_figures(models: dict[str, str], runs: dict[str, Path], data: str, o
             figures[f"{name}: last-block CLS attention"] = attention_figure(model, name, data, out / f"attention-{name}.png")
     lines = ["| run | head map | shape | ‖A/α − I‖_F |", "|---|---|---|---:|"]
     for name, run_dir in runs.items():
-        if ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir)).get("config", {}).get("method") != "tintem":
+        if read_yaml(run_dir / CONFIG_FILE).get("method") != "tintem":  # the run's resolved config, not its weights
             continue
         result, figure = head_orthogonality(run_dir, out / f"orthogonality-{name}.json")
         save_result(result, out / f"orthogonality-{name}.json")

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from distillery.data.shards import ShardError, ShardWriter
+from distillery.errors import DistilleryError
 from distillery.files import staged_directory
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -32,6 +33,17 @@ class ConversionReport:
     shards: int = 0
     classes: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+
+
+def read_listing(listing: Path, layout: str, entries: str) -> list[str]:
+    """The non-empty lines of a dataset's split listing (DAVIS `ImageSets/2017/<split>.txt`, VOC
+    `ImageSets/Segmentation/<split>.txt`); a missing or empty one is an error naming it."""
+    if not listing.is_file():
+        raise DistilleryError(f"{listing}: no such file (expected the {layout} layout under {listing.parents[2]})")
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DistilleryError(f"{listing}: lists no {entries}")
+    return names
 
 
 def find_classes(root: Path, classes_file: str | os.PathLike | None) -> list[str]:

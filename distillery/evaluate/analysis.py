@@ -80,11 +80,12 @@ def head_orthogonality(run_dir: Path, out: Path) -> tuple[TaskResult, Path]:
 
     path = ckpt.latest_checkpoint(run_dir)
     state = ckpt.load_checkpoint(path)
+    maps = head_maps(state, str(path))
     scores, scaled = {}, {}
-    for name, weight in head_maps(state, str(path)).items():
+    for name, weight in maps.items():
         scores[name], scaled[name] = orthogonality_score(weight)
     figure = plot_gram_density(scaled, out.with_suffix(".png"), f"{Path(run_dir).name}: Gram entries of the head maps")
-    rows = [(name, list(head_maps(state, str(path))[name].shape), f"{score:.4f}") for name, score in scores.items()]
+    rows = [(name, list(maps[name].shape), f"{score:.4f}") for name, score in scores.items()]
     result = TaskResult("orthogonality", {Path(run_dir).name: {"checkpoint": str(path),
                                                                "method": state.get("config", {}).get("method")}},
                         {}, {"score": "||A / mean(diag A) - I||_F of the smaller Gram matrix A"},

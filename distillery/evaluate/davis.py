@@ -33,6 +33,7 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from distillery.config import ConfigError
+from distillery.data.imagefolder import read_listing
 from distillery.errors import DistilleryError
 from distillery.evaluate.features import model_device, patch_grid
 
@@ -67,12 +68,7 @@ class Sequence:
 def read_sequences(root: str | Path, settings: DavisSettings = DavisSettings()) -> list[Sequence]:
     """The sequences of `ImageSets/2017/<split>.txt`, each checked: a frame for every annotation and back."""
     root = Path(root)
-    listing = root / "ImageSets" / "2017" / f"{settings.split}.txt"
-    if not listing.is_file():
-        raise DistilleryError(f"{listing}: no such file (expected the DAVIS-2017 layout under {root})")
-    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DistilleryError(f"{listing}: lists no sequence")
+    names = read_listing(root / "ImageSets" / "2017" / f"{settings.split}.txt", "DAVIS-2017", "sequence")
     sequences = []
     for name in names:
         frames_dir = root / "JPEGImages" / settings.resolution / name

@@ -21,6 +21,7 @@ retrained and every set sees the same head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -125,7 +126,10 @@ def probe_label_space(probe: Probe, path: Path, classes: tuple[str, ...] | None,
 
 
 def subset_mask(probe: Probe, path: Path, classes: tuple[str, ...] | None, listing: Path) -> np.ndarray:
-    """The subset's classes as a mask over the probe's; the set's folders must all be in the list."""
+    """The subset's classes as a mask over the probe's (`class_mask`, as the linear probe's extra sets read
+    theirs); the set's folders must all be in the list."""
+    from distillery.evaluate.tasks import class_mask
+
     subset = [str(name) for name in read_data_file(listing, "classes")]
     if classes:
         outside = [name for name in classes if name not in subset]
@@ -133,12 +137,7 @@ def subset_mask(probe: Probe, path: Path, classes: tuple[str, ...] | None, listi
             raise DistilleryError(f"{path}: class folder {outside[0]!r} is not in the subset list {listing}")
     if probe.classes is None:
         raise DistilleryError(f"{path}: a class subset needs a probe with class names ({probe.path} has none)")
-    missing = [name for name in subset if name not in probe.classes]
-    if missing:
-        raise DistilleryError(f"{listing}: subset class {missing[0]!r} is not a class of the probe ({probe.path})")
-    mask = np.zeros(probe.head.weight.shape[1], bool)
-    mask[[probe.classes.index(name) for name in subset]] = True
-    return mask
+    return class_mask(listing, probe.classes, probe.head.weight.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -266,5 +265,5 @@ def robustness_task(model, data, settings: RobustnessSettings, extraction: Extra
         metrics["in9"] = {"variants": variants, "bg_gap": bg_gap(variants)}
         rows.append(("ImageNet-9 BG-gap (mixed_same - mixed_rand)", percent(metrics["in9"]["bg_gap"]), ""))
     return TaskResult("robustness", model.describe(), {name: str(path) for name, path in sets.items()},
-                      {"probe": str(probe.path), "pooling": probe.pooling.describe(),
-                       **{k: v for k, v in settings.__dict__.items()}}, metrics, ("set", "%", "data"), rows)
+                      {"probe": str(probe.path), "pooling": probe.pooling.describe(), **dataclasses.asdict(settings)},
+                      metrics, ("set", "%", "data"), rows)

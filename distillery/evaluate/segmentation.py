@@ -46,6 +46,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from distillery.config import ConfigError, apply_overrides, from_mapping, read_yaml
+from distillery.data.imagefolder import read_listing
 from distillery.errors import DistilleryError
 from distillery.evaluate.features import model_device, patch_grid, patch_size
 from distillery.models.teachers import Teacher
@@ -106,11 +107,7 @@ def read_split(root: str | Path, split: str) -> list[LabelledImage]:
     """The images of `ImageSets/Segmentation/<split>.txt`, each with its label PNG."""
     root = Path(root)
     listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not listing.is_file():
-        raise DistilleryError(f"{listing}: no such file (expected the Pascal VOC layout under {root})")
-    ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise DistilleryError(f"{listing}: lists no image")
+    ids = read_listing(listing, "Pascal VOC", "image")
     items = [LabelledImage(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
     for item in items:
         for path in (item.image, item.label):
@@ -217,6 +214,12 @@ class TrainCrops(torch.utils.data.Dataset):
 
     def __init__(self, items: list[LabelledImage], classes: int, settings: SegmentationSettings):
         self.items, self.classes, self.settings = items, classes, settings
+        self._order: tuple[int, np.ndarray] | None = None  # (pass, its permutation), drawn once per pass
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.settings.seed, 0, epoch]).permutation(len(self.items)))
+        return self._order[1]
 
     def __len__(self) -> int:
         return self.settings.iterations * self.settings.batch_size
@@ -224,8 +227,7 @@ class TrainCrops(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
         epoch, place = divmod(index, len(self.items))
-        order = np.random.default_rng([s.seed, 0, epoch]).permutation(len(self.items))
-        image, label = read_pair(self.items[int(order[place])], self.classes)
+        image, label = read_pair(self.items[int(self.order(epoch)[place])], self.classes)
         rng = np.random.default_rng([s.seed, 1, index])
         size = rescaled_size(image.size, s.scale, rng.uniform(*s.ratio_range))
         pixels = np.asarray(image.resize(size, Image.BILINEAR))
