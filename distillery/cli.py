@@ -34,7 +34,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Directory to create (train/, val/, ood/, retrieval/, davis/, seg/, val-v2/, val-r/, val-c/, val-9/).")],
+    out: Annotated[Path, typer.Option(help="Directory to create (train/, val/, ood/, transfer/, retrieval/, davis/, seg/, val-v2/, val-r/, val-c/, val-9/).")],
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels (retrieval images are drawn at twice this).")] = 32,
     train: Annotated[int, typer.Option(help="Training images (10 balanced classes).")] = 5000,
@@ -50,6 +50,8 @@ def data_synth(
     seg_train: Annotated[int, typer.Option(help="Training scenes in seg/, the Pascal-VOC-layout segmentation set.")] = 400,
     seg_val: Annotated[int, typer.Option(help="Validation scenes in seg/ (both 0: no seg/).")] = 100,
     robustness_images: Annotated[int, typer.Option(help="Images per set in val-v2/, val-r/, val-c/ (per corruption and severity), val-9/ (per variant); 0: none.")] = 200,
+    transfer_train: Annotated[int, typer.Option(help="Training images of transfer/novel-shapes/ (the 5 held-out shapes as classes of their own).")] = 1000,
+    transfer_val: Annotated[int, typer.Option(help="Validation images of transfer/novel-shapes/ (both 0: none).")] = 500,
 ) -> None:
     """Write the embedded procedural dataset (seeded; same seed, same bytes)."""
     from distillery.data.synth import SynthConfig, generate, image_counts
@@ -61,7 +63,8 @@ def data_synth(
     with progress_bar() as progress:
         tasks = {split: progress.add_task(split, total=n) for split, n in image_counts(config).items()}
         counts = generate(config, out, progress=lambda split, n: progress.advance(tasks[split], n))
-    counts.update(generate_evaluation_sets(out, seed, size, davis_sequences, seg_train, seg_val, robustness_images))
+    counts.update(generate_evaluation_sets(out, seed, size, davis_sequences, seg_train, seg_val, robustness_images,
+                                           transfer_train, transfer_val))
     print_table(f"synth data in {out}", ("part", "images"), list(counts.items()))
 
 
@@ -91,7 +94,7 @@ def data_shards(
 
 
 @data_app.command("info")
-def data_info(directory: Annotated[Path, typer.Argument(help="A shard directory.")]) -> None:
+def data_info(directory: Annotated[Path, typer.Argument(help="A shard directory, one of its .tar files, or a brace pattern of them (shards/train-{000000..000009}.tar).")]) -> None:
     """Print shard count, sample count, classes and image size range."""
     from distillery.data.shards import ShardSet, describe
 
@@ -185,21 +188,32 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Seed: a CPU run repeats bit for bit.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (0: in the training process).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a checkpoint every N steps (and always at the end).")] = None,
-    cache: Annotated[Optional[str], typer.Option(help="Teacher-feature store from cache-teachers (unic, sefa, tintem).")] = None,
+    cache: Annotated[Optional[list[str]], typer.Option(help="Teacher-feature store from cache-teachers; repeat to join stores of other teachers built on the same data and views (one store per teacher, combined here).")] = None,
     cache_teacher: Annotated[Optional[list[str]], typer.Option(help="Train from only this teacher of the --cache store (repeat; default: all).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option(help="Run this teacher online instead of reading a cache (repeat).")] = None,
     stats_from: Annotated[Optional[str], typer.Option(help="Online teachers: standardisation statistics from this store.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start the student from these weights: local-dir:PATH (an export), a timm name.tag or hf-hub:ORG/REPO (a ViT's position embedding is resampled to its grid).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N (default: cuda when available).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE on top of the config, nested keys dotted (student_args.depth=6, unic.drop_prob=0.3); repeat.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="With --method and no --config, the packaged config to start from: paper (the default where the method has one: configs/<method>_<paper scale>.yaml), synth, none (generic defaults) or NAME (configs/<method>_NAME.yaml).")] = None,
 ) -> None:
     """Train a student with one method; DDP with `torchrun --nproc_per_node=K -m distillery.cli train ...`."""
+    from distillery.train.config import recipe_path
     from distillery.train.loop import train as run
+
+    if recipe and (config or not method):
+        raise DistilleryError("--recipe picks the config a --method starts from; give --recipe with --method, not with --config")
+    origin = None
+    if method and not config and not resume:
+        config = recipe_path(method, recipe)
+        origin = f"{method}: starting from {config or 'the generic defaults (--recipe none)'}; the command line wins"
 
     values = {"method": method, "data": data, "out": out, "student": student, "epochs": epochs, "max_steps": max_steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "workers": workers, "checkpoint_every": checkpoint_every,
-              "cache": cache, "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from}
-    summary = run(values, config, resume=resume, device=device, overrides=tuple(set_ or ()))
+              "cache": (cache[0] if len(cache) == 1 else cache) if cache else None, "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from,
+              "init": init}
+    summary = run(values, config, resume=resume, device=device, overrides=tuple(set_ or ()), origin=origin)
     print_mapping(f"run {summary['run']}", summary)
 
 
@@ -292,18 +306,20 @@ def experiment_plan(
 @experiment_app.command("run")
 def experiment_run(
     name: Annotated[str, typer.Argument(help="An experiment of configs/experiments.")],
-    step: Annotated[Optional[list[str]], typer.Option(help="cache, train, export, eval or report (repeat; default: all in order).")] = None,
+    step: Annotated[Optional[list[str]], typer.Option(help="cache, train, export, eval, analyze (the heads of a TinTeM or Proteus run) or report (repeat; default: all in order).")] = None,
     data: ExperimentData = None,
     weights: ExperimentWeights = None,
     gpus: ExperimentGpus = 1,
     out: ExperimentOut = None,
     results: ExperimentResults = None,
     cache_dir: ExperimentCacheDir = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="A smoke run: train N steps, and write the run, export, evaluation and report under OUT/smoke-N (the cache is the real one, shared).")] = None,
 ) -> None:
     """Run steps of an experiment (make/experiments.mk calls this once per step); each step resumes its work."""
     from distillery.apps.experiments import STEPS, plan_experiments, run_step
 
-    inputs = _experiment_inputs(True, data=data, weights=weights, gpus=gpus, out=out, results=results, cache_dir=cache_dir)
+    inputs = _experiment_inputs(True, data=data, weights=weights, gpus=gpus, out=out, results=results, cache_dir=cache_dir,
+                                max_steps=max_steps)
     plans, problems = plan_experiments([name], inputs)
     _exit_on_problems(problems)
     for one in step or STEPS:
@@ -403,18 +419,22 @@ def eval_knn(
                out, features_dir, batch_size, workers, device)
 
 
+ProbeGrid = Annotated[Optional[str], typer.Option(help="LR grid: dinov2 (13 values x batch/256) or sefa (45 log-spaced in [1e-4, 10]).")]
+ProbeEpochs = Annotated[Optional[int], typer.Option(help="Probe epochs (default 100).")]
+ProbeBatchSize = Annotated[Optional[int], typer.Option(help="Probe batch size (default 256).")]
+ProbeHoldout = Annotated[Optional[float], typer.Option(help="Fraction of train the LR is chosen on (default 0.1, stratified).")]
+ProbeSeed = Annotated[Optional[int], typer.Option(help="Seed of the split, the heads and the batch order.")]
+ProbePooling = Annotated[Optional[str], typer.Option(help="cls, patch_mean or last_blocks (DINO's concatenated CLS of the last blocks).")]
+ProbeLastBlocks = Annotated[Optional[int], typer.Option(help="Blocks for --pooling last_blocks (default 4).")]
+
+
 @eval_app.command("linear")
 def eval_linear(
     model: EvalModelSpec,
     train: Annotated[Path, typer.Option(help="Labelled train images: the probe trains on them, its LR is chosen on a held-out part.")],
     val: Annotated[Path, typer.Option(help="Labelled images the probe is scored on.")],
-    grid: Annotated[Optional[str], typer.Option(help="LR grid: dinov2 (13 values x batch/256) or sefa (45 log-spaced in [1e-4, 10]).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Probe epochs (default 100).")] = None,
-    probe_batch_size: Annotated[Optional[int], typer.Option(help="Probe batch size (default 256).")] = None,
-    holdout: Annotated[Optional[float], typer.Option(help="Fraction of train the LR is chosen on (default 0.1, stratified).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the heads and the batch order.")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="cls, patch_mean or last_blocks (DINO's concatenated CLS of the last blocks).")] = None,
-    last_blocks: Annotated[Optional[int], typer.Option(help="Blocks for --pooling last_blocks (default 4).")] = None,
+    grid: ProbeGrid = None, epochs: ProbeEpochs = None, probe_batch_size: ProbeBatchSize = None,
+    holdout: ProbeHoldout = None, seed: ProbeSeed = None, pooling: ProbePooling = None, last_blocks: ProbeLastBlocks = None,
     extra: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: another labelled set to score (repeat).")] = None,
     extra_classes: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE.json: the classes an extra set holds (names or indices); other logits are ignored.")] = None,
     label: EvalLabel = None, out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
@@ -428,6 +448,24 @@ def eval_linear(
     settings = LinearSettings(**_given(grid=grid, epochs=epochs, batch_size=probe_batch_size, holdout=holdout, seed=seed,
                                        pooling=pooling, last_blocks=last_blocks, label=label))
     _eval_task("linear", model, data, settings, out, features_dir, batch_size, workers, device)
+
+
+@eval_app.command("transfer")
+def eval_transfer(
+    model: EvalModelSpec,
+    set_: Annotated[list[str], typer.Option("--set", help="NAME=DIR: a transfer set, DIR holding train/ and val/ with classes of their own (repeat).")],
+    grid: ProbeGrid = None, epochs: ProbeEpochs = None, probe_batch_size: ProbeBatchSize = None,
+    holdout: ProbeHoldout = None, seed: ProbeSeed = None, pooling: ProbePooling = None, last_blocks: ProbeLastBlocks = None,
+    out: EvalOut = None, features_dir: EvalFeaturesDir = None, batch_size: EvalBatchSize = 128,
+    workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """A linear probe per transfer set on its own classes (the papers' fine-grained suites), and their mean top-1."""
+    from distillery.evaluate.tasks import EvalData, LinearSettings, TransferSet
+
+    data = EvalData(transfer={name: TransferSet.under(Path(root)) for name, root in _named(set_, "--set").items()})
+    settings = LinearSettings(**_given(grid=grid, epochs=epochs, batch_size=probe_batch_size, holdout=holdout, seed=seed,
+                                       pooling=pooling, last_blocks=last_blocks))
+    _eval_task("transfer", model, data, settings, out, features_dir, batch_size, workers, device)
 
 
 @eval_app.command("robustness")
@@ -629,7 +667,7 @@ def teachers_rank(
     show_result(pairs_table(result), path)
 
 
-analyze_app = typer.Typer(help="The papers' analyses of trained models: head orthogonality, attention maps.",
+analyze_app = typer.Typer(help="The papers' analyses of trained models: head kNN, head orthogonality, attention maps.",
                           no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
 
@@ -646,6 +684,46 @@ def analyze_orthogonality(
     path = out or default_path(run.name, "orthogonality")
     result, _ = head_orthogonality(run, path)
     show_result(result, save_result(result, path))
+
+
+def _model_entry(value: str) -> tuple[str, str]:
+    """NAME=SPEC (the name the suite gave the model, so its feature cache is found) or SPEC (named by its spec)."""
+    from distillery.models.teachers import teacher_name
+
+    name, sep, spec = value.partition("=")
+    if sep and name and spec and not any(c in name for c in ":/"):
+        return name, spec
+    return teacher_name(value), value
+
+
+@analyze_app.command("heads")
+def analyze_heads(
+    run: Annotated[Path, typer.Argument(help="A TinTeM or Proteus run directory (its newest checkpoint holds the head).")],
+    train: Annotated[Path, typer.Option(help="Labelled train images of the kNN.")],
+    val: Annotated[Path, typer.Option(help="Labelled images to classify.")],
+    teacher: Annotated[Optional[list[str]], typer.Option(help="[NAME=]SPEC of the run's teachers, in its order (TinTeM's teacher head maps them).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="[NAME=]SPEC of the run's export (Proteus' student head maps it).")] = None,
+    k: Annotated[Optional[list[int]], typer.Option("--k", help="Neighbours (repeat; default 10, 20, 100, 200).")] = None,
+    label: EvalLabel = None,
+    results: Annotated[Path, typer.Option(help="Evaluation root: features are read from and cached in RESULTS/<model>/features, as the suite keeps them.")] = Path("results"),
+    out: Annotated[Optional[Path], typer.Option(help="Result JSON (default: RESULTS/<student name or run name>/<task>.json).")] = None,
+    batch_size: EvalBatchSize = 128, workers: EvalWorkers = 2, device: EvalDevice = None,
+) -> None:
+    """kNN of a run's head (TinTeM Table 3): TinTeM's teacher head over its teachers, or Proteus' student head."""
+    from distillery.evaluate.features import Extraction, default_device
+    from distillery.evaluate.heads import head_knn
+    from distillery.evaluate.results import default_path, save_result, show_result
+    from distillery.evaluate.suite import features_dir
+    from distillery.evaluate.tasks import EvalData, EvalModel, KnnSettings
+
+    device = device or default_device()
+    load = lambda entry: EvalModel.load(*_model_entry(entry), device)  # noqa: E731
+    student_model = load(student) if student else None
+    teachers = [load(t) for t in teacher or []]
+    result = head_knn(run, student_model, teachers, EvalData(train=train, val=val), KnnSettings(**_given(ks=k, label=label)),
+                      lambda model: Extraction(batch_size, workers, features_dir(results, model.name)))
+    name = student_model.name if student_model else run.name
+    show_result(result, save_result(result, out or default_path(name, result.task, results)))
 
 
 @analyze_app.command("attention")

@@ -1,6 +1,7 @@
 # The papers' experiments on real data: one target per configs/experiments/NAME.yaml, each chaining
-# cache -> train -> export -> eval -> report through `distillery experiment run NAME --step STEP`. A stamp marks
-# every finished step, so a re-run starts where the last one stopped (and every step resumes its own work).
+# cache -> train -> export -> eval -> analyze -> report through `distillery experiment run NAME --step STEP`
+# (analyze scores a TinTeM or Proteus run's head and is a no-op for other methods). A stamp marks every
+# finished step, so a re-run starts where the last one stopped (and every step resumes its own work).
 #
 #   make all DRY_RUN=1                                  check every config, teacher and path; print the plan (CI)
 #   make sefa-vits16-dino-augreg DATA=/data/in1k WEIGHTS=/data/hf GPUS=8
@@ -59,11 +60,12 @@ $(STAMPS)/cache.done: configs/experiments/$(EXPERIMENT).yaml
 $(STAMPS)/train.done: $(STAMPS)/cache.done
 $(STAMPS)/export.done: $(STAMPS)/train.done
 $(STAMPS)/eval.done: $(STAMPS)/export.done
+$(STAMPS)/analyze.done: $(STAMPS)/eval.done
 $(STAMPS)/%.done:
 	@mkdir -p $(@D)
 	$(RUN_STEP) $*
 	touch $@
 
-$(OUT)/report.md: $(STAMPS)/eval.done configs/experiments/$(EXPERIMENT).yaml
+$(OUT)/report.md: $(STAMPS)/analyze.done configs/experiments/$(EXPERIMENT).yaml
 	$(RUN_STEP) report
 endif

@@ -272,7 +272,7 @@ def test_a_subset_of_the_cached_teachers_can_be_chosen(tiny_synth, tiny_cache, t
     batch = next(iter(trainer.loader))
     assert set(trainer.teachers.targets(batch)) == {"teacher_b"}
     assert trainer.fit()["steps"] == 2
-    with pytest.raises(CacheError, match="has no teacher teacher_c; it holds teacher_a, teacher_b"):
+    with pytest.raises(CacheError, match="hold no teacher teacher_c; they hold teacher_a, teacher_b"):
         Trainer(_config(tiny_synth, tmp_path / "bad", "tintem", cache=str(tiny_cache), cache_teachers=["teacher_c"]),
                 DistInfo())
 
@@ -307,3 +307,52 @@ def test_an_int8_store_gives_the_float16_targets_within_quantisation(tiny_synth,
         assert ((i8.patch - f16.patch).abs() <= patch_step / patch_std + 2e-3 * f16.patch.abs() + 1e-3).all()
     losses = [t.train_step(b, 0)["loss"].item() for t, b in zip(trainers, batches)]
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+@pytest.fixture(scope="module")
+def single_teacher_stores(tmp_path_factory, tiny_synth, teacher_specs):
+    """teacher_a and teacher_b each in a store of its own, cached as tiny_cache caches both."""
+    from distillery.cache.writer import CacheConfig, cache_teachers
+
+    root = tmp_path_factory.mktemp("single_stores")
+    for name, spec in zip(("a", "b"), teacher_specs):
+        cache_teachers(str(tiny_synth / "train"), str(root / f"{name}.zarr"), CacheConfig((spec,), views=2, workers=0),
+                       show_progress=False)
+    return [str(root / "a.zarr"), str(root / "b.zarr")]
+
+
+@pytest.mark.parametrize("method", ["unic", "tintem"])
+def test_two_single_teacher_stores_train_as_one_two_teacher_store(tiny_synth, tiny_cache, single_teacher_stores,
+                                                                  tmp_path, method):
+    joined, both = (Trainer(_config(tiny_synth, tmp_path / name, method, cache=cache), DistInfo())
+                    for name, cache in (("joined", single_teacher_stores), ("both", str(tiny_cache))))
+    assert [i.name for i in joined.teachers.infos] == [i.name for i in both.teachers.infos] == ["teacher_a", "teacher_b"]
+    batches = [next(iter(t.loader)) for t in (joined, both)]
+    assert batches[0].keys() == batches[1].keys()
+    for key in batches[0]:
+        if isinstance(batches[0][key], torch.Tensor):
+            assert torch.equal(batches[0][key], batches[1][key]), key
+    losses = [t.train_step(b, 0)["loss"].item() for t, b in zip((joined, both), batches)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_stores_combine_only_under_the_same_views_and_distinct_teachers(tiny_synth, tiny_cache, single_teacher_stores,
+                                                                        teacher_specs, tmp_path):
+    from distillery.cache.writer import CacheConfig, cache_teachers
+
+    other = tmp_path / "other_seed.zarr"
+    cache_teachers(str(tiny_synth / "train"), str(other), CacheConfig((teacher_specs[1],), views=2, seed=5, workers=0),
+                   show_progress=False)
+    with pytest.raises(CacheError, match=r"other_seed.zarr and .*a.zarr cannot be combined: their views differ \(views.seed"):
+        Trainer(_config(tiny_synth, tmp_path / "x", "unic", cache=[single_teacher_stores[0], str(other)]), DistInfo())
+    with pytest.raises(CacheError, match="teacher teacher_a is in both"):
+        Trainer(_config(tiny_synth, tmp_path / "y", "unic", cache=[str(tiny_cache), single_teacher_stores[0]]), DistInfo())
+
+
+def test_training_from_a_brace_pattern_of_the_shards_is_training_from_their_directory(tiny_synth, tiny_cache, tmp_path):
+    names = sorted(p.name for p in (tiny_synth / "train").glob("*.tar"))
+    pattern = str(tiny_synth / "train" / names[0].replace("000000", "{000000..%06d}" % (len(names) - 1)))
+    braced, plain = (Trainer(_config(tiny_synth, tmp_path / name, "unic", cache=str(tiny_cache), data=data), DistInfo())
+                     for name, data in (("braced", pattern), ("plain", str(tiny_synth / "train"))))
+    first = [next(iter(t.loader)) for t in (braced, plain)]
+    assert torch.equal(first[0]["student"], first[1]["student"]) and torch.equal(first[0]["index"], first[1]["index"])

@@ -107,3 +107,39 @@ def test_a_pytorch_model_bin_local_dir_loads_and_a_code_running_pickle_is_refuse
     torch.save({**state, "extra": _RunsCode()}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(DistilleryError, match="holds more than tensors .loading it would run code."):
         create_teacher(f"local-dir:{tmp_path / 'bin'}", "cpu")
+
+
+def test_errors_inside_dataloader_workers_are_the_original_one_line(tmp_path, tiny_synth, teacher_specs, monkeypatch,
+                                                                    capsys):
+    """A truncated shard under --workers 2 reads as it does with --workers 0: the shard and the problem."""
+    import shutil
+
+    broken = tmp_path / "train"
+    shutil.copytree(tiny_synth / "train", broken)
+    shard = sorted(broken.glob("*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    for workers in ("0", "2"):
+        status, lines = run_cli(["train", "--method", "supervised", "--recipe", "none", "--data", str(broken),
+                                 "--out", str(tmp_path / f"run{workers}"), "--workers", workers, "--batch-size", "16",
+                                 "--max-steps", "8", "--set", "student_args.img_size=32"], monkeypatch, capsys)
+        errors = [line for line in lines if line.startswith("error:")]
+        assert status == 2 and len(errors) == 1 and lines[-1] == errors[0], lines
+        assert f"{shard}: truncated or corrupt after" in errors[0] and "unexpected end of data)" in errors[0]
+
+
+def test_eval_skips_and_counts_an_image_that_does_not_decode(tmp_path, teacher_specs, capsys):
+    """As `data shards` does: a truncated JPEG in an ImageFolder tree is left out and said so, with workers."""
+    from PIL import Image
+
+    from distillery.evaluate.features import Extraction, extract_features, load_model, open_images
+
+    for label in ("a", "b"):
+        (tmp_path / "tree" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (40 * i, 100, 200 if label == "a" else 0)).save(tmp_path / "tree" / label / f"{i}.jpg")
+    (tmp_path / "tree" / "b" / "1.jpg").write_bytes((tmp_path / "tree" / "b" / "0.jpg").read_bytes()[:40])
+    features = extract_features(load_model(teacher_specs[0], "cpu"), open_images(tmp_path / "tree"),
+                                Extraction(batch_size=2, workers=2, show_progress=False))
+    assert features.keys == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/0.jpg", "b/2.jpg"]
+    assert features.labels.tolist() == [0, 0, 0, 1, 1] and len(features.features) == 5
+    assert "skipped 1 of 6 images that do not decode (first: " in " ".join(capsys.readouterr().err.split())

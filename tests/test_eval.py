@@ -178,7 +178,7 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     with pytest.raises(DistilleryError, match="weights differ from those recorded"):
         demo.run_demo(loaded)
     (shipped / demo.PROVENANCE).write_text(json.dumps({**record, "synth": {**record["synth"], "train_sha256": "0"}}))
-    with pytest.raises(DistilleryError, match="was trained on other synth data"):
+    with pytest.raises(DistilleryError, match="was trained on other synth train images"):
         demo.run_demo(loaded)
 
 

@@ -40,7 +40,9 @@ def throughput(tmp_path_factory):
 def test_every_experiment_plans_without_error(name, throughput):
     plan = plan_experiment(name, PlanInputs(throughput=throughput))
     assert plan.problems == []
-    assert set(plan.steps) == set(STEPS)
+    heads = [t for t in plan.experiment.tasks if t.endswith("_head")]
+    assert set(plan.steps) == set(STEPS) - (set() if heads else {"analyze"})  # analyze: only a run with a head
+    assert not set(heads) & set(plan.suite["tasks"])
     assert plan.cache_bytes > 0 and plan.store is not None
     assert all(hours.gpu_hours is not None for hours in plan.hours.values()), plan.hours
     assert set(plan.suite["models"]) == set(plan.experiment.models)
@@ -187,6 +189,11 @@ def _fake_results(results: Path, experiment) -> None:
         (directory / "segmentation.json").write_text(json.dumps({"metrics": {"mIoU": 0.7, "mAcc": 0.8, "aAcc": 0.9}}))
         robust = {"v2": {"top1": 0.6}, "r": {"top1": 0.4}, "a": {"top1": 0.2}, "c": {"mCE": 0.5}, "in9": {"bg_gap": 0.1}}
         (directory / "robustness.json").write_text(json.dumps({"metrics": robust}))
+        transfer = {name: {"top1": 0.8 + i / 100} for i, name in enumerate(experiment.dataset.transfer)}
+        (directory / "transfer.json").write_text(json.dumps({"metrics": {"sets": transfer, "mean": {"top1": 0.84}}}))
+        if model == experiment.student:
+            for head in ("teacher_head_knn", "student_head_knn"):
+                (directory / f"{head}.json").write_text(json.dumps({"metrics": {"k=20": {"top1": 0.77}, "k=10": {"top1": 0.76}}}))
 
 
 def test_report_sets_reproduced_beside_the_papers_numbers(tmp_path):
@@ -198,8 +205,13 @@ def test_report_sets_reproduced_beside_the_papers_numbers(tmp_path):
     assert "| vit_small_patch14_dinov2.lvd142m@224 | knn top-1 (k=20) | 79.00 | 75.00 | -4.00 |" in text
     assert "| vit_small_patch14_dinov2.lvd142m@224 | linear top-1 | 81.10 | 80.00 | -1.10 |" in text
     assert "| TinTeM | knn top-1 (k=20) | 74.30 | 70.00 | -4.30 | TinTeM Table 2" in text
+    assert "| TinTeM | teacher-head knn top-1 (k=20) | not published | 77.00 |  | TinTeM Table 3" in text
+    assert "| TinTeM | transfer cifar100 top-1 | not published | 81.00 |  | TinTeM Table 5, cifar100" in text
+    assert "| TinTeM | transfer mean top-1 | not published | 84.00 |  | no paper row |" in text
     rows = json.loads(report_json.read_text())["rows"]
-    assert len(rows) == len(experiment.models) * len(experiment.metrics)
+    heads = {"teacher-head knn top-1 (k=10)", "teacher-head knn top-1 (k=20)"}  # the student's alone
+    assert len(rows) == len(experiment.models) * len(experiment.metrics) - (len(experiment.models) - 1) * len(heads)
+    assert {r["metric"] for r in rows if r["model"] != "TinTeM"}.isdisjoint(heads)
     assert all(r["reproduced"] is not None for r in rows)
     papers = experiment.paper_results
     assert [(r["model"], r["metric"]) for r in rows[:len(papers)]] == [(r.model, r.metric) for r in papers]
@@ -231,3 +243,44 @@ def test_the_sefa_plan_runs_davis_with_its_paper_numbers(tmp_path, throughput):
     with pytest.raises(ExperimentError, match="the davis task needs a davis: entry"):
         load_experiment(_write_experiment(tmp_path, data=str(tmp_path / "no_davis.yaml"),
                                           eval={"tasks": ["knn", "davis"], "settings": {}}, paper_results=[]))
+
+
+def test_the_plans_hold_every_column_of_sefa_table_2_and_tintem_tables_3_5_7(throughput):
+    """Each column has a paper row (a number, or null with the reason), and the plan evaluates it."""
+    sets = list(load_experiment("sefa-vits16-dino-augreg").dataset.transfer)
+    wanted = {
+        "sefa-vits16-dino-augreg": ("SeFA", ["linear top-1", "robustness IN-V2 top-1", "robustness IN-R top-1",
+                                             "robustness IN-A top-1", "robustness IN-C mCE", "transfer mean top-1",
+                                             "robustness IN-9 BG-gap"]),
+        "tintem-vitt14-dinov2s": ("TinTeM", ["knn top-1 (k=20)", "teacher-head knn top-1 (k=20)",  # Table 3
+                                             *[f"transfer {name} top-1" for name in sets],          # Table 5
+                                             "robustness IN-V2 top-1", "robustness IN-C mCE"]),      # Table 7
+        "proteus-vitt14-dinov2s": ("Proteus", ["student-head knn top-1 (k=20)", "transfer cub200 top-1"]),
+    }
+    assert {"cifar10", "cifar100", "food101", "cub200", "dtd", "pets", "cars", "aircraft", "flowers102"} <= set(sets)
+    for name, (student, metrics) in wanted.items():
+        plan = plan_experiment(name, PlanInputs(throughput=throughput))
+        rows = {r.metric: r for r in plan.experiment.paper_results if r.model == student}
+        missing = [m for m in metrics if m not in rows]
+        assert not missing, (name, missing)
+        assert all(rows[m].source for m in metrics)
+        assert "transfer" in plan.suite["tasks"] and set(plan.suite["data"]["transfer"]) == set(sets)
+    analyze = plan_experiment("tintem-vitt14-dinov2s", PlanInputs(throughput=throughput)).steps["analyze"]
+    assert analyze.argv[:3] == ("distillery", "analyze", "heads") and "--teacher" in analyze.argv
+
+
+def test_a_head_task_must_match_the_method(tmp_path, throughput):
+    path = _write_experiment(tmp_path, eval={"tasks": ["knn", "student_head"], "settings": {}}, paper_results=[])
+    plan = plan_experiment(path, PlanInputs(throughput=throughput))
+    assert any("the student_head task scores a proteus run's head" in p for p in plan.problems), plan.problems
+
+
+def test_a_smoke_run_trains_n_steps_into_its_own_directory_on_the_real_cache(tmp_path, throughput):
+    full = plan_experiment("unic-vits16-dino-augreg", PlanInputs(throughput=throughput, results=tmp_path))
+    smoke = plan_experiment("unic-vits16-dino-augreg", PlanInputs(throughput=throughput, results=tmp_path, max_steps=20))
+    assert smoke.out == full.out / "smoke-20" and smoke.store == full.store
+    assert smoke.steps["cache"] == full.steps["cache"]
+    train = smoke.steps["train"].argv
+    assert train[train.index("--max-steps") + 1] == "20" and str(smoke.out / "runs") in train[train.index("--out") + 1]
+    assert "--max-steps" not in full.steps["train"].argv
+    assert smoke.suite["out"] == str(smoke.out / "eval")

@@ -144,3 +144,26 @@ def test_the_command_reference_is_generated_from_the_current_app(tmp_path):
                     str(tmp_path / "cli.md")], capture_output=True, check=True)
     committed = Path(__file__).parents[1] / "docs" / "cli.md"
     assert committed.read_text() == (tmp_path / "cli.md").read_text(), "docs/cli.md is stale: run make cli-docs"
+
+
+def test_a_brace_pattern_and_a_single_tar_load_the_same_samples_as_the_directory(synth_dir, tmp_path):
+    import shutil
+
+    from distillery.data.shards import INDEX_FILE
+
+    whole = ShardSet.open(synth_dir / "train")
+    names = [s.name for s in whole.shards]
+    pattern = str(synth_dir / "train" / names[0].replace("000000", "{000000..%06d}" % (len(names) - 1)))
+    braced = ShardSet.open(pattern)
+    assert braced.fingerprint() == whole.fingerprint() and braced.classes == whole.classes
+    assert [r.key for r in braced.records(2)] == [r.key for r in whole.records(2)]
+    single = ShardSet.open(synth_dir / "train" / names[1])
+    assert single.num_samples == whole.shards[1].count
+    assert [r.key for r in single.records(0)] == [r.key for r in whole.records(1)]
+    assert [r.index for r in single.records(0)][0] == 0  # a set of its own: indices start again
+    unindexed = tmp_path / "unindexed"
+    shutil.copytree(synth_dir / "train", unindexed)
+    (unindexed / INDEX_FILE).unlink()  # no shards.json: one pass over the named tars
+    assert ShardSet.open(str(unindexed / pattern.rsplit("/", 1)[1])).fingerprint() == whole.fingerprint()
+    with pytest.raises(ShardError, match=r"train-000099.tar: no such shard \(1 of the 2"):
+        ShardSet.open(str(synth_dir / "train" / "train-{000000,000099}.tar"))

@@ -249,3 +249,41 @@ def test_a_warmup_as_long_as_the_run_is_clamped_to_a_tenth_of_it(capsys):
     assert warmup_steps(2, 50, 500, 10) == 100  # shorter than the run: as given
     assert warmup_steps(10, 50, 50, 1) == 5  # the default 10 epochs on a 1-epoch run: a tenth of it
     assert "clamped to 5 steps" in capsys.readouterr().err
+
+
+def test_a_finished_run_resumed_says_so_and_a_run_leaves_its_loss_curves(tiny_synth, tmp_path, capsys):
+    config = _write_yaml(tmp_path / "c.yaml", {"method": "supervised", "student_args": TINY_STUDENT, "epochs": 1,
+                                              "batch_size": 32, "workers": 0, "supervised": TINY_SUPERVISED})
+    run = tmp_path / "run"
+    first = train({"data": str(tiny_synth / "train"), "out": str(run), "max_steps": 2}, config)
+    assert (run / "losses.png").stat().st_size > 0  # total loss, its terms and the LR, drawn when a run ends
+    logged = _losses(run)
+    capsys.readouterr()
+    again = train({"out": str(run)}, resume=True)
+    assert "is already at step 2 of 2: nothing to train" in " ".join(capsys.readouterr().err.split())
+    assert again["loss"] == first["loss"] is not None and again["steps"] == 2
+    assert _losses(run) == logged  # the log is left as it was
+
+
+def test_init_starts_the_student_from_an_export_and_a_misfit_is_one_line(tiny_synth, tmp_path):
+    from distillery.models.students import export_local_dir, initial_student
+
+    donor = initial_student("vit_tiny_patch16_224", TINY_STUDENT, seed=7)
+    export_local_dir(donor, tmp_path / "donor")
+    trainer = Trainer(_config(tiny_synth, tmp_path / "run", "supervised", init=f"local-dir:{tmp_path / 'donor'}"), DistInfo())
+    for name, value in donor.model.state_dict().items():
+        assert torch.equal(trainer.student.model.state_dict()[name], value), name
+    with pytest.raises(DistilleryError, match=r"--init local-dir:.*donor: its weights do not fit the student"):
+        Trainer(_config(tiny_synth, tmp_path / "run2", "supervised", init=f"local-dir:{tmp_path / 'donor'}",
+                        student_args={**TINY_STUDENT, "embed_dim": 64, "num_heads": 4}), DistInfo())
+
+
+def test_a_method_starts_from_its_recipe_by_name(tmp_path):
+    from distillery.train.config import read_yaml, recipe_path
+
+    tintem = read_yaml(recipe_path("tintem", None))  # the paper recipe, not the generic defaults
+    assert (tintem["lr_scaling"], tintem["weight_decay"], tintem["clip_grad"], tintem["warmup_epochs"]) == ("none", 0.05, 0, 5)
+    assert recipe_path("tintem", "synth").name == "tintem_synth.yaml"
+    assert recipe_path("unic", "none") is None and recipe_path("dino", None) is None  # no paper recipe: defaults
+    with pytest.raises(DistilleryError, match=r"--recipe paper: dino has no paper recipe; its recipes: none, synth"):
+        recipe_path("dino", "paper")

@@ -102,7 +102,7 @@ def test_training_replays_the_randaugment_views_the_teacher_saw_bit_for_bit(tiny
     out, config = tintem_store
     store, shard_set = CacheStore.open(str(out)), ShardSet.open(tiny_synth / "train")
     size = create_teacher(config.teachers[0]).preprocessing.input_size
-    views = TeacherViews(3, config.seed, TINTEM_VIEWS, cache_url=str(out), teacher_names=(store.teachers[0].name,))
+    views = TeacherViews(3, config.seed, TINTEM_VIEWS, stores=((str(out), (store.teachers[0].name,)),))
     stream = TrainStream(shard_set, SampleSpec(teacher_view=True), size, 6, seed=0, num_workers=1,
                          teacher_views=views, repeats=3)
     batch = next(iter(stream))
@@ -130,7 +130,7 @@ def test_repeated_augmentation_needs_as_many_views(tiny_synth, tintem_store):
     from distillery.train.data import SampleSpec, TeacherViews, TrainStream
 
     out, _ = tintem_store
-    views = TeacherViews(3, 0, TINTEM_VIEWS, cache_url=str(out))
+    views = TeacherViews(3, 0, TINTEM_VIEWS, stores=((str(out), ()),))
     with pytest.raises(DistilleryError, match="at least 4 views per image \\(this run has 3\\)"):
         TrainStream(ShardSet.open(tiny_synth / "train"), SampleSpec(teacher_view=True), (32, 32), 6, 0,
                     teacher_views=views, repeats=4)

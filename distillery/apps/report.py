@@ -12,7 +12,6 @@ TinTeM paper's Fig. 2).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from distillery.data.shards import CLASS_LABEL
 from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, higher_is_better, knn_top1, labelled_task, ood_metric,
                                          read_metric, read_result, retrieval_map, write_json)
 from distillery.evaluate.suite import SuiteConfig, summary_columns
+from distillery.train.curves import read_metrics
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,33 @@ def floors_markdown(floors: list[dict[str, Any]]) -> str:
 
 
 def robustness_markdown(rows: list[dict[str, Any]], columns: tuple[Column, ...], probe_task: str) -> str | None:
-    """The probe's own top-1 beside its robustness columns, as SeFA's Table 2 lays them out (IN-1k, V2, R, A,
-    C); None when the suite has no robustness task."""
-    chosen = [i for i, c in enumerate(columns) if c.where.task in ("robustness", probe_task)]
+    """The probe's own top-1 beside its robustness and transfer columns, as SeFA's Table 2 lays them out (IN-1k,
+    V2, R, A, C, transfer); None when the suite has no robustness task."""
+    chosen = [i for i, c in enumerate(columns) if c.where.task in ("robustness", probe_task, "transfer")]
     if not any(columns[i].where.task == "robustness" for i in chosen):
         return None
     return markdown_table([{**row, "values": [row["values"][i] for i in chosen]} for row in rows],
                           tuple(columns[i] for i in chosen))
+
+
+def heads_markdown(eval_dir: Path, roles: Roles) -> str | None:
+    """TinTeM Table 3 for every single-teacher run with a head: the backbone's kNN, the head's and the teacher's,
+    on the teacher's expertise; None when no run has a head."""
+    from distillery.evaluate.claims import K, Results
+    from distillery.evaluate.results import STUDENT_HEAD_KNN, TEACHER_HEAD_KNN
+
+    heads = {"tintem": ("teacher head", TEACHER_HEAD_KNN), "proteus": ("student head", STUDENT_HEAD_KNN)}
+    results = Results(eval_dir)
+    lines = ["| run | on | backbone kNN | head | head kNN | teacher | teacher kNN |", "|---|---|---:|---|---:|---|---:|"]
+    for run, (method, teachers) in roles.students.items():
+        if method not in heads or len(teachers) != 1:
+            continue
+        (head, task), teacher = heads[method], teachers[0]
+        label = roles.teachers[teacher]
+        knn = results.metric(run, MetricPath(labelled_task(task, label), (f"k={K}", "top1")))
+        lines.append(f"| {run} | {label} | {100 * results.knn(run, label):.1f} | {head} | {100 * knn:.1f} | {teacher} | "
+                     f"{100 * results.knn(teacher, label):.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else None
 
 
 def analysis_figures(models: dict[str, str], runs: dict[str, Path], data: str, out: Path) -> tuple[dict[str, Path], list[str]]:
@@ -190,7 +210,8 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
         lines += ["", "## Robustness (the layout of SeFA's Table 2)", "",
                   f"The `{labelled_task('linear', probe_label)}` probe, trained once, on the synth analogues of "
                   "ImageNet-V2 (a fresh draw), -R (renditions of 6 shapes, the head restricted to them), -C (mCE "
-                  "against raw-pixel kNN's errors) and ImageNet-9 (BG-gap = mixed_same − mixed_rand).", "", robustness]
+                  "against raw-pixel kNN's errors) and ImageNet-9 (BG-gap = mixed_same − mixed_rand); transfer: a "
+                  "probe of its own on the five held-out shapes.", "", robustness]
     if len(orthogonality) > 2:
         lines += ["", "## Teacher-head orthogonality (TinTeM Table 4)", "", *orthogonality]
     saved: dict[str, Any] = {"columns": [c.title for c in columns], "rows": rows,
@@ -198,6 +219,9 @@ def write_report(suite_config: str | Path, teachers: list[str], students: list[s
     if roles is not None:
         floors = floor_rows(eval_dir, rows, columns)
         sections = all_claims(eval_dir, roles)
+        heads = heads_markdown(eval_dir, roles)
+        if heads:
+            lines += ["", "## Heads (TinTeM Table 3, kNN top-1 at k=20)", "", heads]
         lines += ["", "## Model-free baselines", "", floors_markdown(floors),
                   "", "## Teachers: strong and different", "", claims_markdown(sections["teachers"]),
                   "", "## What the students inherit", "", claims_markdown(sections["inheritance"]),
@@ -230,10 +254,7 @@ def plot_losses(runs: dict[str, Path], path: Path) -> Path:
     rows = -(-len(runs) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for ax, (name, run) in zip(axes.flat, runs.items()):
-        log = run / "metrics.jsonl"
-        if not log.exists():
-            raise DistilleryError(f"{log}: training log missing")
-        records = [json.loads(line) for line in log.read_text().splitlines() if line]
+        records = read_metrics(run)
         ax.plot([r["step"] for r in records], [r["loss"] for r in records])
         ax.set_title(name)
         ax.set_xlabel("step")

@@ -96,6 +96,13 @@ def as_json(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------- side files
 
+def zarr_location(url: str) -> str:
+    """What zarr opens for a store URL: a local path for `file://` (zarr's LocalStore makes the directories
+    fsspec's local filesystem would not), the URL itself for any other filesystem."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return path if isinstance(fs, LocalFileSystem) else url
+
+
 class SideFiles:
     """JSON files beside the arrays, written atomically, on any fsspec filesystem."""
 
@@ -207,7 +214,7 @@ class CacheStore:
         self.manifest = manifest
         self.identity = manifest["identity"]
         self.files = SideFiles(url)
-        self.group = zarr.open_group(url, mode="r+" if writable else "r")  # readers (training workers) never write
+        self.group = zarr.open_group(zarr_location(url), mode="r+" if writable else "r")  # readers never write
         storage = self.identity["storage"]
         self.dtype: str = storage["dtype"]
         self.cls_only: bool = storage["cls_only"]
@@ -234,7 +241,7 @@ class CacheStore:
         """Create every array, then write the manifest last: a store with a manifest is a usable one."""
         storage, slots = identity["storage"], identity["storage"]["slots"]
         rows, views = slots * len(identity["dataset"]["counts"]), identity["views"]["count"]
-        group = zarr.open_group(url, mode="w")
+        group = zarr.open_group(zarr_location(url), mode="w")
         group.create_array("keys", shape=(rows,), dtype=str, chunks=(slots,))
         group.create_array("valid", shape=(rows,), dtype="uint8", chunks=(slots,), fill_value=0)
         group.create_array("views", shape=(rows, views, NUM_PARAMS), dtype="float32", chunks=(slots, views, NUM_PARAMS))

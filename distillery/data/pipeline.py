@@ -17,8 +17,25 @@ import torch
 from PIL import Image
 
 from distillery.data.shards import ImageDecodeError, Record, ShardSet, decode_image
+from distillery.errors import DistilleryError
 
 Source = Callable[[int, int], Iterable[Any]]  # (DataLoader worker, number of workers) -> items
+
+
+class WorkerFailure(NamedTuple):
+    """A user-facing error raised in a DataLoader worker, carried to the main process as an item. PyTorch
+    re-raises a worker's exception with its whole traceback folded into the message; `ShardLoader` raises
+    this one as it was, one line naming the shard and the sample."""
+
+    error: DistilleryError
+
+
+def carry_failures(items: Iterable[Any]) -> Iterator[Any]:
+    """`items`, ending with a WorkerFailure instead of raising a DistilleryError (in a DataLoader worker)."""
+    try:
+        yield from items
+    except DistilleryError as error:
+        yield WorkerFailure(error)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -30,16 +47,29 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        return iter(self.source(worker, num_workers))
+        items = iter(self.source(worker, num_workers))
+        return items if info is None else carry_failures(items)
+
+
+class ShardLoader(torch.utils.data.DataLoader):
+    """The project's DataLoader: raises a worker's WorkerFailure (an item, or one inside a list batch) as the
+    error it carries."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in super().__iter__():
+            for part in item if isinstance(item, list) else (item,):
+                if isinstance(part, WorkerFailure):
+                    raise part.error
+            yield item
 
 
 def shard_loader(source: Source, workers: int, prefetch_factor: int = 4, seed: int | None = None,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over `ShardStream(source)` with `workers` processes (0: in this process)."""
+                 pin_memory: bool = False) -> ShardLoader:
+    """A ShardLoader over `ShardStream(source)` with `workers` processes (0: in this process)."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ShardStream(source), batch_size=None, num_workers=workers,
-                                       collate_fn=_as_is, prefetch_factor=prefetch_factor if workers else None,
-                                       generator=generator, pin_memory=pin_memory)
+    return ShardLoader(ShardStream(source), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                       prefetch_factor=prefetch_factor if workers else None, generator=generator,
+                       pin_memory=pin_memory)
 
 
 def _as_is(item: Any) -> Any:

@@ -76,6 +76,15 @@ def decode_image(data: bytes | None, where: str) -> Image.Image:
         raise ImageDecodeError(f"{where}: cannot decode image ({error})") from error
 
 
+def _label_files(root: Path) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]]]:
+    """The class names (classes.json) and factor values (factors.json) a shard directory records."""
+    classes = tuple(json.loads((root / CLASSES_FILE).read_text())) if (root / CLASSES_FILE).exists() else None
+    factors = {}
+    if (root / FACTORS_FILE).exists():
+        factors = {str(k): tuple(v) for k, v in json.loads((root / FACTORS_FILE).read_text()).items()}
+    return classes, factors
+
+
 def _scan_shard(path: Path) -> ShardInfo:
     """Count a shard's samples from its tar headers alone (no image is read)."""
     keys: list[str] = []
@@ -111,18 +120,18 @@ class ShardSet:
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> ShardSet:
+        """A shard directory, or some of its shards the way webdataset names them: one `.tar`, or a brace
+        pattern (`shards/train-{000000..000099}.tar`), in the order given. The directory's shards.json (or
+        one pass over the named tars, when it has none) says what each holds."""
+        if str(root).endswith(".tar") or "{" in str(root):
+            return cls._open_named(str(root))
         root = Path(root)
         if not root.is_dir():
             raise ShardError(f"{root}: no such shard directory")
         tars = sorted(p.name for p in root.glob("*.tar"))
         if not tars:
             raise ShardError(f"{root}: no .tar shards here")
-        classes = None
-        if (root / CLASSES_FILE).exists():
-            classes = tuple(json.loads((root / CLASSES_FILE).read_text()))
-        factors = {}
-        if (root / FACTORS_FILE).exists():
-            factors = {str(k): tuple(v) for k, v in json.loads((root / FACTORS_FILE).read_text()).items()}
+        classes, factors = _label_files(root)
         index_path = root / INDEX_FILE
         if not index_path.exists():
             return cls(root, tuple(_scan_shard(root / name) for name in tars), classes, factors)
@@ -139,6 +148,22 @@ class ShardSet:
             extra = sorted(set(tars) - set(listed))
             raise ShardError(f"{index_path}: index does not match the .tar files (missing: {missing}, not indexed: {extra})")
         return cls(root, shards, classes, factors)
+
+    @classmethod
+    def _open_named(cls, spec: str) -> ShardSet:
+        from braceexpand import braceexpand
+
+        paths = [Path(p) for p in braceexpand(spec)]
+        directories = sorted({str(p.parent) for p in paths})
+        if len(directories) > 1:
+            raise ShardError(f"{spec}: the shards of one set lie in one directory; these are in {', '.join(directories)}")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise ShardError(f"{missing[0]}: no such shard ({len(missing)} of the {len(paths)} that {spec} names are missing)")
+        root = paths[0].parent
+        indexed = {s.name: s for s in cls.open(root).shards} if (root / INDEX_FILE).exists() else {}
+        shards = tuple(indexed.get(p.name) or _scan_shard(p) for p in paths)  # no index: one pass over these
+        return cls(root, shards, *_label_files(root))
 
     @property
     def num_samples(self) -> int:
@@ -187,7 +212,11 @@ class ShardSet:
                 for position, sample in enumerate(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))):
                     yield _record(sample, self.offsets[shard_id] + position, shard.name)
             except (tarfile.TarError, ValueError) as error:
-                raise ShardError(f"{path}: unreadable after sample {position} ({error})") from error
+                # webdataset wraps tarfile's error as (message, stream, url): the message is what says why
+                reason = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+                reason = reason.split(" @ ")[0]
+                raise ShardError(f"{path}: truncated or corrupt after {position + 1} of its {shard.count} "
+                                 f"samples ({reason})") from error
         if position + 1 != shard.count:
             raise ShardError(f"{path}: holds {position + 1} samples but the index says {shard.count}")
 

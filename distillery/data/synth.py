@@ -10,6 +10,7 @@ output is byte-identical for a seed however the work is split across processes.
   pixels are a poor classifier (`distillery eval baselines`) while shape and pattern stay learnable.
 - near-OOD: five held-out shapes that resemble ID ones (pentagon vs hexagon, 4- vs 5-point star, ...).
 - far-OOD: textures and noise with no object.
+- transfer (`generate_transfer`, written by `synth_sets`): the near-OOD shapes as classes of their own.
 - retrieval: fixed "landmark" scenes, each a large object of a shape and pattern no other scene has as its
   main object, on its own ground among smaller objects, re-rendered under viewpoint, light, colour-balance
   (hue) and occlusion changes (mild = easy, strong = hard, unrecognisable = junk), plus distractor scenes, in
@@ -38,7 +39,7 @@ from distillery.files import staged_directory
 ID_CLASSES = ("disc", "square", "triangle", "plus", "ring", "star", "hexagon", "crescent", "arrow", "ell")
 NEAR_OOD_CLASSES = ("pentagon", "star4", "semicircle", "tee", "heart")
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, so edges are anti-aliased
-SPLIT_IDS = {"train": 1, "val": 2, "ood/near": 3, "ood/far": 4, "retrieval": 5}
+SPLIT_IDS = {"train": 1, "val": 2, "ood/near": 3, "ood/far": 4, "retrieval": 5, "transfer/train": 6, "transfer/val": 7}
 
 
 @dataclass(frozen=True)
@@ -440,17 +441,39 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def _objects(config: SynthConfig, split: str, count: int, classes: tuple[str, ...]) -> list[_Job]:
+    # Balanced classes in a seeded random order, so every shard holds a mix of all classes.
+    order = np.random.default_rng([config.seed, SPLIT_IDS[split]]).permutation(count)
+    return [_Job(split, i, "object", classes[int(order[i]) % len(classes)]) for i in range(count)]
+
+
 def _jobs(config: SynthConfig) -> Iterator[tuple[str, list[_Job], list[str] | None]]:
     """(split, jobs, class names) for every shard split; labels are indices into the class names."""
-    def objects(split: str, count: int, classes: tuple[str, ...]) -> list[_Job]:
-        # Balanced classes in a seeded random order, so every shard holds a mix of all classes.
-        order = np.random.default_rng([config.seed, SPLIT_IDS[split]]).permutation(count)
-        return [_Job(split, i, "object", classes[int(order[i]) % len(classes)]) for i in range(count)]
-
-    yield "train", objects("train", config.train, ID_CLASSES), list(ID_CLASSES)
-    yield "val", objects("val", config.val, ID_CLASSES), list(ID_CLASSES)
-    yield "ood/near", objects("ood/near", config.ood_near, NEAR_OOD_CLASSES), list(NEAR_OOD_CLASSES)
+    yield "train", _objects(config, "train", config.train, ID_CLASSES), list(ID_CLASSES)
+    yield "val", _objects(config, "val", config.val, ID_CLASSES), list(ID_CLASSES)
+    yield "ood/near", _objects(config, "ood/near", config.ood_near, NEAR_OOD_CLASSES), list(NEAR_OOD_CLASSES)
     yield "ood/far", [_Job("ood/far", i, "texture", "texture") for i in range(config.ood_far)], None
+
+
+def _write_split(config: SynthConfig, split: str, jobs: list[_Job], classes: list[str] | None, out: Path, pool,
+                 progress: Callable[[str, int], None] | None) -> None:
+    """One split's images as shards under `out`, rendered by `pool`, labelled by their index in `classes`."""
+    writer = ShardWriter(out, config.shard_size, prefix=split.replace("/", "-"))
+    for job, (data, factors) in zip(jobs, pool.imap(_render_job, [(config, j) for j in jobs], chunksize=64)):
+        label = classes.index(job.name) if classes else None
+        meta = {"split": split, "kind": job.kind, "name": job.name, "seed": config.seed}
+        if factors is not None:
+            meta["factors"] = factors
+        writer.write(f"{split.replace('/', '_')}_{job.index:07d}", data, config.image_format, label, meta,
+                     size=(config.size, config.size))
+        if progress:
+            progress(split, 1)
+    writer.close(classes, {name: list(values) for name, values in FACTORS.items()
+                           if name != "shape" or split in ("train", "val")} if classes else None)
+
+
+def _pool(config: SynthConfig):
+    return multiprocessing.get_context("fork").Pool(config.workers) if config.workers > 1 else _InlinePool()
 
 
 def generate(config: SynthConfig, out: str | os.PathLike, progress: Callable[[str, int], None] | None = None) -> dict:
@@ -459,22 +482,9 @@ def generate(config: SynthConfig, out: str | os.PathLike, progress: Callable[[st
     `progress(task, n)` is told about every image written, for a progress bar.
     """
     summary: dict[str, int] = {}
-    context = multiprocessing.get_context("fork")
-    with staged_directory(out) as partial, \
-            (context.Pool(config.workers) if config.workers > 1 else _InlinePool()) as pool:
+    with staged_directory(out) as partial, _pool(config) as pool:
         for split, jobs, classes in _jobs(config):
-            writer = ShardWriter(partial / split, config.shard_size, prefix=split.replace("/", "-"))
-            for job, (data, factors) in zip(jobs, pool.imap(_render_job, [(config, j) for j in jobs], chunksize=64)):
-                label = classes.index(job.name) if classes else None
-                meta = {"split": split, "kind": job.kind, "name": job.name, "seed": config.seed}
-                if factors is not None:
-                    meta["factors"] = factors
-                writer.write(f"{split.replace('/', '_')}_{job.index:07d}", data, config.image_format, label, meta,
-                             size=(config.size, config.size))
-                if progress:
-                    progress(split, 1)
-            writer.close(classes, {name: list(values) for name, values in FACTORS.items()
-                                   if name != "shape" or split in ("train", "val")} if classes else None)
+            _write_split(config, split, jobs, classes, partial / split, pool, progress)
             summary[split] = len(jobs)
         summary["retrieval"] = _write_retrieval(config, partial / "retrieval", progress)
         recorded = {k: v for k, v in asdict(config).items() if k != "workers"}  # workers change nothing written
@@ -494,6 +504,18 @@ class _InlinePool:
     @staticmethod
     def imap(fn, items, chunksize=1):
         return map(fn, items)
+
+
+def generate_transfer(config: SynthConfig, out: str | os.PathLike, train: int, val: int) -> int:
+    """OUT/train and OUT/val: the five held-out shapes as a labelled set of their own, the embedded counterpart
+    of the papers' transfer suites (classes no model was trained or distilled on; the same shapes as near-OOD,
+    other images). Returns the number of images."""
+    with staged_directory(out) as partial, _pool(config) as pool:
+        for part, count in (("train", train), ("val", val)):
+            split = f"transfer/{part}"
+            _write_split(config, split, _objects(config, split, count, NEAR_OOD_CLASSES), list(NEAR_OOD_CLASSES),
+                         partial / part, pool, None)
+    return train + val
 
 
 def _write_retrieval(config: SynthConfig, root: Path, progress: Callable[[str, int], None] | None) -> int:

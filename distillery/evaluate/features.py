@@ -39,8 +39,8 @@ from PIL import Image
 
 from distillery.console import console, progress_bar
 from distillery.data.imagefolder import find_classes
-from distillery.data.pipeline import ShardStream, decode, shard_records
-from distillery.data.shards import INDEX_FILE, ShardSet, decode_image
+from distillery.data.pipeline import ShardLoader, ShardStream, WorkerFailure, decode, shard_records
+from distillery.data.shards import INDEX_FILE, ImageDecodeError, ShardSet, decode_image
 from distillery.data.views import eval_view, normalize, replay
 from distillery.errors import DistilleryError
 from distillery.evaluate.knn import l2_normalize
@@ -191,6 +191,7 @@ class _Item(NamedTuple):
     key: str
     label: int | None
     views: list[torch.Tensor]
+    skipped: str | None = None  # why the image gave no views (it does not decode): counted and left out
 
 
 class ShardSource:
@@ -214,9 +215,10 @@ def _shard_items(shard_set: ShardSet, transform: Transform, worker: int, num_wor
     """Feature extraction's pipeline source: every image of the worker's shards, rendered by `transform`."""
     shards = shard_set.assigned_shards(worker=worker, num_workers=num_workers)
     for decoded in decode(shard_records(shard_set, shards), name=partial(_sample_name, shard_set.root)):
-        if decoded.error is not None:
-            raise decoded.error
         record = decoded.item.record
+        if decoded.error is not None:
+            yield _Item(record.index, record.key, record.label, [], str(decoded.error))
+            continue
         yield _Item(record.index, record.key, record.label, transform.render(decoded.image))
 
 
@@ -263,13 +265,16 @@ class _FileImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, position: int) -> _Item:
+    def __getitem__(self, position: int) -> _Item | WorkerFailure:
         file = self.files[position]
         try:
             data = file.path.read_bytes()
-        except OSError as error:
-            raise DistilleryError(f"{file.path}: cannot read ({error.strerror})") from error
-        image = decode_image(data, str(file.path))
+        except OSError as error:  # carried, not raised: a DataLoader worker would fold a traceback into it
+            return WorkerFailure(DistilleryError(f"{file.path}: cannot read ({error.strerror})"))
+        try:
+            image = decode_image(data, str(file.path))
+        except ImageDecodeError as error:  # as `data shards` does: skipped and counted
+            return _Item(position, file.key, file.label, [], str(error))
         if file.box is not None:
             image = crop_box(image, file.box)
         return _Item(position, file.key, file.label, self.transform.render(image))
@@ -285,7 +290,11 @@ def source_name(path: Path) -> str:
 
 
 def open_images(path: str | os.PathLike) -> ImageSource:
-    """A shard directory (`*.tar` + `shards.json`) or an ImageFolder tree (`root/<class>/<image>`)."""
+    """A shard directory (`*.tar` + `shards.json`), some of its shards (one `.tar`, or a brace pattern as
+    webdataset writes them) or an ImageFolder tree (`root/<class>/<image>`)."""
+    if str(path).endswith(".tar") or "{" in str(path):
+        shard_set = ShardSet.open(path)
+        return ShardSource(shard_set, source_name(shard_set.root) + f"_{len(shard_set)}_{shard_set.shards[0].name[:-4]}")
     path = Path(path)
     if not path.is_dir():
         raise DistilleryError(f"{path}: no such directory (expected webdataset shards or an ImageFolder tree)")
@@ -346,31 +355,36 @@ def extract_features(teacher: Teacher, source: ImageSource, extraction: Extracti
 def _compute(teacher: Teacher, source: ImageSource, extraction: Extraction, transform: Transform, pooling: Pooling,
              fingerprint: dict[str, Any]) -> Features:
     device = next(teacher.parameters()).device
-    loader = torch.utils.data.DataLoader(source.dataset(transform), batch_size=extraction.batch_size,
-                                         num_workers=extraction.workers, collate_fn=list,
-                                         pin_memory=device.type == "cuda")
+    loader = ShardLoader(source.dataset(transform), batch_size=extraction.batch_size, num_workers=extraction.workers,
+                         collate_fn=list, pin_memory=device.type == "cuda")
     n = len(source)
     features: np.ndarray | None = None
     labels = np.full(n, -1, np.int64)
     keys: list[str | None] = [None] * n
+    skipped: list[str] = []
     mean, std = teacher.preprocessing.mean, teacher.preprocessing.std
     with progress_bar() as progress:
         task = progress.add_task(f"features {teacher.name} / {source.name}", total=n, visible=extraction.show_progress)
-        for items in loader:
-            pooled = _forward(teacher, items, pooling, mean, std, device)
-            if features is None:
-                features = np.zeros((n, pooled.shape[1]), np.float32)
-            positions = [item.position for item in items]
-            features[positions] = pooled
+        for batch in loader:
+            skipped += [item.skipped for item in batch if item.skipped]
+            items = [item for item in batch if not item.skipped]
+            if items:
+                pooled = _forward(teacher, items, pooling, mean, std, device)
+                if features is None:
+                    features = np.zeros((n, pooled.shape[1]), np.float32)
+                features[[item.position for item in items]] = pooled
             for item in items:
                 keys[item.position] = item.key
                 labels[item.position] = -1 if item.label is None else item.label
-            progress.advance(task, len(items))
-    missing = [i for i, key in enumerate(keys) if key is None]
-    if features is None or missing:
-        raise DistilleryError(f"{source.name}: {len(missing) or n} of {n} images produced no feature")
-    labelled = bool((labels >= 0).all())
-    return Features(features, labels if labelled else None, keys, fingerprint)
+            progress.advance(task, len(batch))
+    kept = [i for i, key in enumerate(keys) if key is not None]
+    if features is None or len(kept) + len(skipped) < n:
+        raise DistilleryError(f"{source.name}: {n - len(kept) - len(skipped)} of {n} images produced no feature")
+    if skipped:
+        console.print(f"[yellow]{source.name}: skipped {len(skipped)} of {n} images that do not decode "
+                      f"(first: {skipped[0]})[/]")
+    labelled = bool((labels[kept] >= 0).all())
+    return Features(features[kept], labels[kept] if labelled else None, [keys[i] for i in kept], fingerprint)
 
 
 def _forward(teacher: Teacher, items: list[_Item], pooling: Pooling, mean, std, device: torch.device) -> np.ndarray:

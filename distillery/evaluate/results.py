@@ -138,11 +138,16 @@ def linear_top1(label: str = CLASS_LABEL) -> MetricPath:
 
 
 LINEAR_TOP1 = linear_top1()
-TEACHER_HEAD_KNN = "teacher_head_knn"  # TinTeM Table 3 (evaluate/teacher_head.py)
+TEACHER_HEAD_KNN = "teacher_head_knn"  # TinTeM Table 3 (evaluate/heads.py)
+STUDENT_HEAD_KNN = "student_head_knn"  # the same for Proteus' student head
 
 
 def teacher_head_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
     return MetricPath(labelled_task(TEACHER_HEAD_KNN, label), (f"k={k}", "top1"))
+
+
+def student_head_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
+    return MetricPath(labelled_task(STUDENT_HEAD_KNN, label), (f"k={k}", "top1"))
 
 
 def davis_score(name: str = "J&F-Mean") -> MetricPath:

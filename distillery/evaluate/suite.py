@@ -9,6 +9,7 @@ Suite config (paths relative to the working directory; `configs/eval_synth.yaml`
       val: synth/val
       ood: {near: synth/ood/near, far: synth/ood/far}   # group: directory, or group: [directories]
       retrieval: {dataset: synth, root: synth/retrieval}
+      transfer: {novel-shapes: synth/transfer/novel-shapes}   # name: DIR holding train/ and val/, or name: {train, val}
     tasks: [knn, linear, retrieval, ood, cka, "knn:pattern"]   # TASK:LABEL scores knn/linear on a factor
     settings: {knn: {ks: [10, 20, 100, 200]}, linear: {grid: dinov2}, ood: {k: 10}, retrieval: {crop_queries: true}}
     out: results/eval_synth
@@ -42,7 +43,7 @@ from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, da
                                         linear_top1, ood_metric, percent, retrieval_map, save_result,
                                         segmentation_score, write_json)
 from distillery.evaluate.tasks import (ANY_SIZE_TASKS, SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData,
-                                       EvalModel, RetrievalData, cka_features, cka_task, settings_from_dict)
+                                       EvalModel, RetrievalData, TransferSet, cka_features, cka_task, settings_from_dict)
 from distillery.models.teachers import teacher_name
 
 
@@ -102,7 +103,7 @@ def run_cka(specs: list[str], feature_files: list[str], data: Path | None, setti
 
 TOP_KEYS = ("models", "data", "tasks", "settings", "out", "batch_size", "workers", "device")
 DATA_KEYS = ("train", "val", "ood", "retrieval", "extra", "extra_classes", "cka", "davis", "segmentation",
-             "robustness", "probes")
+             "robustness", "probes", "transfer")
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,19 @@ def _suite_data(values: dict, source: Path) -> EvalData:
     paths = lambda key: {str(k): Path(v) for k, v in _mapping(values.get(key, {}), f"data.{key}", source).items()}  # noqa: E731
     robustness = paths("robustness")
     check_keys(robustness, f"{source}: data.robustness", ROBUSTNESS_SETS)
+    transfer = {str(name): _transfer_set(entry, f"data.transfer.{name}", source)
+                for name, entry in _mapping(values.get("transfer", {}), "data.transfer", source).items()}
     return EvalData(train=path("train"), val=path("val"), ood=ood, ood_groups=groups, retrieval=retrieval,
                     extra=paths("extra"), extra_classes=paths("extra_classes"), cka=path("cka"), davis=path("davis"),
-                    segmentation=path("segmentation"), robustness=robustness, probes=path("probes"))
+                    segmentation=path("segmentation"), robustness=robustness, probes=path("probes"), transfer=transfer)
+
+
+def _transfer_set(entry: Any, where: str, source: Path) -> TransferSet:
+    """A directory holding train/ and val/, or a mapping {train, val}."""
+    if isinstance(entry, str):
+        return TransferSet.under(Path(entry))
+    entry = check_keys(_mapping(entry, where, source), f"{source}: {where}", (), required=("train", "val"))
+    return TransferSet(Path(entry["train"]), Path(entry["val"]))
 
 
 LABELLED_TASKS = ("knn", "linear")
@@ -162,9 +173,10 @@ def task_settings(config: SuiteConfig, entry: str) -> Any:
 def suite_config_values(models: dict[str, str], train: str, val: str, tasks: list[str], settings: dict[str, Any],
                         out: str, ood: dict[str, str] | None = None, retrieval: tuple[str, str] | None = None,
                         davis: str | None = None, segmentation: str | None = None,
-                        robustness: dict[str, str] | None = None) -> dict[str, Any]:
+                        robustness: dict[str, str] | None = None,
+                        transfer: dict[str, str] | None = None) -> dict[str, Any]:
     """The mapping of a suite YAML file (what `read_suite_config` reads), for the applications that write one;
-    `retrieval` is (revisitop dataset name, root)."""
+    `retrieval` is (revisitop dataset name, root); `transfer` maps a name to a directory with train/ and val/."""
     data: dict[str, Any] = {"train": train, "val": val}
     if ood:
         data["ood"] = dict(ood)
@@ -176,6 +188,8 @@ def suite_config_values(models: dict[str, str], train: str, val: str, tasks: lis
         data["segmentation"] = segmentation
     if robustness:
         data["robustness"] = dict(robustness)
+    if transfer:
+        data["transfer"] = dict(transfer)
     return {"models": dict(models), "data": data, "tasks": list(tasks), "settings": dict(settings), "out": out}
 
 
@@ -285,6 +299,8 @@ def summary_columns(task: str, config: SuiteConfig) -> list[tuple[str, MetricPat
         return [("DAVIS J&F", davis_score("J&F-Mean")), ("DAVIS J", davis_score("J-Mean")), ("DAVIS F", davis_score("F-Mean"))]
     if task == "segmentation":
         return [("seg mIoU", segmentation_score("mIoU"))]
+    if task == "transfer":
+        return [(f"transfer top-1 (mean of {len(config.data.transfer)})", MetricPath("transfer", ("mean", "top1")))]
     if task == "clustering":
         return [("NMI", MetricPath("clustering", ("nmi",))), ("silhouette x100", MetricPath("clustering", ("silhouette",)))]
     if task == "robustness":
@@ -332,6 +348,11 @@ def summary_markdown(columns: tuple[str, ...], rows: list[tuple[str, ...]], conf
         notes.append(f"Segmentation ({config.data.segmentation}): DINOv2's linear probe (BatchNorm + 1x1 conv on "
                      f"last-block patch tokens), {s.iterations} iterations of {s.batch_size} {s.crop_size}-px crops, "
                      f"slide inference; mIoU as mmseg computes it.")
+    if "transfer" in config.tasks:
+        s = config.settings["transfer"]
+        notes.append(f"Transfer ({', '.join(config.data.transfer)}): a linear probe per set on its own classes, "
+                     f"{s.grid} LR grid chosen on a held-out {s.holdout:.0%} of its train, {s.epochs} epochs, "
+                     f"{s.pooling} features; the column is the mean top-1 over the sets.")
     if "ood" in config.tasks:
         s = config.settings["ood"]
         notes.append(f"OOD: KNN score, k={s.k}, {s.train_fraction:.0%} of ID train; FPR@95 = share of OOD accepted "

@@ -42,6 +42,19 @@ class RetrievalData:
 
 
 @dataclass(frozen=True)
+class TransferSet:
+    """A labelled data set with its own classes: the probe trains on `train` and is scored on `val`."""
+
+    train: Path
+    val: Path
+
+    @classmethod
+    def under(cls, root: Path) -> TransferSet:
+        """ROOT/train and ROOT/val, the layout `distillery data shards` writes for each split."""
+        return cls(Path(root) / "train", Path(root) / "val")
+
+
+@dataclass(frozen=True)
 class EvalData:
     train: Path | None = None  # labelled; also the ID-train set of OOD
     val: Path | None = None  # labelled; also the ID-test set of OOD
@@ -55,6 +68,7 @@ class EvalData:
     segmentation: Path | None = None  # a Pascal VOC layout (JPEGImages/, SegmentationClass/, ImageSets/)
     robustness: dict[str, Path] = field(default_factory=dict)  # v2, r, a, c, in9 -> its directory
     probes: Path | None = None  # where <model>/linear.safetensors lie (default: results/)
+    transfer: dict[str, TransferSet] = field(default_factory=dict)  # transfer set name -> its train and val
 
     def require(self, task: str) -> None:
         """Fail before any model runs when `task` lacks data."""
@@ -68,7 +82,7 @@ class EvalData:
 REQUIRED_DATA = {"knn": ("train", "val"), "linear": ("train", "val"), "retrieval": ("retrieval",),
                  "ood": ("train", "val", "ood"), "cka": (), "davis": ("davis",),
                  "segmentation": ("segmentation",), "robustness": ("robustness",),
-                 "clustering": ("val",)}
+                 "clustering": ("val",), "transfer": ("transfer",)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,8 @@ class CkaSettings:
 
 SETTINGS = {"knn": KnnSettings, "linear": LinearSettings, "retrieval": RetrievalSettings, "ood": OodSettings,
             "cka": CkaSettings, "davis": DavisSettings, "segmentation": SegmentationSettings,
-            "robustness": RobustnessSettings, "clustering": ClusteringSettings}
+            "robustness": RobustnessSettings, "clustering": ClusteringSettings,
+            "transfer": LinearSettings}  # transfer probes are linear probes, each set with its own classes
 
 
 def settings_from_dict(task: str, values: dict[str, Any], source: str) -> Any:
@@ -270,6 +285,28 @@ def linear_task(model: EvalModel, data: EvalData, settings: LinearSettings, extr
                       tensors={"weight": probe.weight[0], "bias": probe.bias[0]})
 
 
+def transfer_task(model: EvalModel, data: EvalData, settings: LinearSettings, extraction: Extraction) -> TaskResult:
+    """The linear probe on every transfer set, each with its own classes (the fine-grained suites of SeFA and
+    TinTeM: CIFAR, Food, CUB, DTD, Pets, Cars, Aircraft, Flowers), and the mean top-1 over the sets."""
+    data.require("transfer")
+    per_set, fingerprints, rows = {}, {}, []
+    for name, split in data.transfer.items():
+        result = linear_task(model, EvalData(train=split.train, val=split.val), settings, extraction)
+        metrics = result.metrics
+        per_set[name] = {**metrics["val"], "chosen_lr": metrics["chosen_lr"],
+                         "classes": int(result.tensors["weight"].shape[0]), "train": str(split.train), "val": str(split.val)}
+        fingerprints |= {f"{name}/{part}": value for part, value in result.data.items()}
+        rows.append((name, str(per_set[name]["classes"]), percent(metrics["val"]["top1"]), percent(metrics["val"]["top5"]),
+                     f"{metrics['chosen_lr']:.3g}"))
+    mean = float(np.mean([m["top1"] for m in per_set.values()]))
+    rows.append((f"mean of {len(per_set)}", "", percent(mean), "", ""))
+    return TaskResult("transfer", model.describe(), fingerprints,
+                      {**dataclasses.asdict(settings), "features": settings.features_pooling().describe(),
+                       "selection": "per set: the LR with the best top-1 on a stratified held-out part of its train; "
+                       "the probe is then retrained on all of its train and scored on its val"},
+                      {"sets": per_set, "mean": {"top1": mean}}, ("set", "classes", "top-1 %", "top-5 %", "chosen LR"), rows)
+
+
 def retrieval_task(model: EvalModel, data: EvalData, settings: RetrievalSettings, extraction: Extraction) -> TaskResult:
     """Revisited Oxford/Paris protocol: Medium and Hard mAP and mP@1,5,10 from cosine ranking of CLS descriptors."""
     data.require("retrieval")
@@ -340,7 +377,7 @@ def segmentation_suite_task(model: EvalModel, data: EvalData, settings: Segmenta
 
 SINGLE_MODEL_TASKS = {"knn": knn_task, "linear": linear_task, "retrieval": retrieval_task, "ood": ood_task,
                       "davis": davis_suite_task, "segmentation": segmentation_suite_task,
-                      "robustness": robustness_task, "clustering": clustering_task}
+                      "robustness": robustness_task, "clustering": clustering_task, "transfer": transfer_task}
 ANY_SIZE_TASKS = ("retrieval", "davis", "segmentation")  # their images keep their own shape: ViTs need dynamic_img_size
 TASKS = (*SINGLE_MODEL_TASKS, "cka")
 

@@ -130,6 +130,25 @@ def initial_student(arch: str, model_args: dict[str, Any], seed: int) -> Student
     return Student(arch, {"dynamic_img_size": True, **model_args} if vit else dict(model_args))
 
 
+def load_init(student: Student, spec: str) -> None:
+    """Start `student` from the weights of the model `spec` names (local-dir:, name.tag, hf-hub:), loaded as
+    teachers are (safetensors, or a tensors-only torch file). A ViT's position embedding is resampled to the
+    student's grid by timm's own checkpoint filter; any other difference is one line naming both."""
+    from distillery.models.teachers import load_pretrained
+
+    state = load_pretrained(spec, num_classes=0).state_dict()
+    if student.is_vit:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, student.model)
+    try:
+        student.model.load_state_dict(state)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise DistilleryError(f"--init {spec}: its weights do not fit the student {student.arch} "
+                              f"{student.model_args} ({detail[:300]})") from error
+
+
 def export_local_dir(student: Student, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                      tag: str = "distillery") -> Path:
     """Write the backbone as a timm `local-dir` model with timm's `save_for_hf` (config.json + model.safetensors).

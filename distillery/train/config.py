@@ -26,6 +26,7 @@ class TrainConfig:
     out: str
     student: str = "vit_tiny_patch16_224"
     student_args: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    init: str | None = None  # a model spec (local-dir:, name.tag, hf-hub:) whose weights the student starts from
     epochs: int = 100
     max_steps: int | None = None  # stop after this many steps; the schedules still span `epochs`
     batch_size: int = 256  # global: split evenly across ranks
@@ -44,7 +45,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 3
     log_every: int = 10
-    cache: str | None = None  # teacher targets from this store...
+    cache: str | list[str] | None = None  # teacher targets from this store (or stores, one per teacher, joined)...
     cache_teachers: list[str] = field(default_factory=list)  # ...only these of its teachers (default: all)
     teachers: list[str] = field(default_factory=list)  # ...or these teachers run online
     stats_from: str | None = None  # online mode: standardisation statistics from this store
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ConfigError(f"clip_mode must be 'global' or 'per_parameter', got {self.clip_mode!r}")
         if self.lr_scaling not in ("linear", "none"):
             raise ConfigError(f"lr_scaling must be 'linear' or 'none', got {self.lr_scaling!r}")
+        if isinstance(self.cache, list) and not (self.cache and all(isinstance(c, str) and c for c in self.cache)):
+            raise ConfigError(f"cache must be a store, or a non-empty list of stores, got {self.cache!r}")
         if self.cache and self.teachers:
             raise ConfigError("give either --cache or --teacher, not both")
         if self.cache_teachers and not self.cache:
@@ -74,6 +77,11 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
+
+    @property
+    def cache_urls(self) -> list[str]:
+        """The stores the targets come from: one, or several joined by sample key (`--cache` repeated)."""
+        return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -114,6 +122,28 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str
     if method_cls.max_teachers is not None and teachers and len(teachers) > method_cls.max_teachers:
         raise ConfigError(f"{source}: {method} distils {method_cls.max_teachers} teacher(s); got {len(teachers)}")
     return config
+
+
+RECIPES_DIR = Path("configs")
+
+
+def recipe_path(method: str, recipe: str | None) -> Path | None:
+    """The packaged config a `--method` run starts from: `paper` (the default: the method's paper recipe, where
+    it has one), `synth` (the embedded data's), `none` (TrainConfig's generic defaults) or NAME for
+    configs/<method>_NAME.yaml. Each file says where its values come from."""
+    method_cls = method_class(method)
+    name = recipe or ("paper" if method_cls.paper_recipe else "none")
+    if name == "none":
+        return None
+    suffix = method_cls.paper_recipe if name == "paper" else name
+    from distillery.config import project_path
+
+    path = RECIPES_DIR / f"{method}_{suffix}.yaml"
+    if suffix is None or not project_path(path).exists():
+        known = sorted(p.stem.removeprefix(f"{method}_") for p in project_path(RECIPES_DIR).glob(f"{method}_*.yaml"))
+        raise ConfigError(f"--recipe {name}: {method} has no {'paper recipe' if suffix is None else path}; "
+                          f"its recipes: {', '.join(['none', *known])}")
+    return path
 
 
 def save(config: TrainConfig, path: str | Path) -> None:

@@ -74,8 +74,7 @@ class TeacherViews:
     num_views: int
     view_seed: int
     view_config: ViewConfig
-    cache_url: str | None = None
-    teacher_names: tuple[str, ...] = ()
+    stores: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (store URL, the teachers read from it); none online
     online_sizes: tuple[tuple[int, int], ...] = ()
 
 
@@ -111,10 +110,14 @@ class TrainStream:
                                   "teacher views: it needs a method that trains on the teacher view and at least "
                                   f"{self.repeats} views per image"
                                   + (f" (this run has {self.teacher_views.num_views})" if self.teacher_views else ""))
-        if len(self.shard_set) < self.world_size * self.num_workers:
-            raise DistilleryError(f"{self.shard_set.root}: {len(self.shard_set)} shards cannot feed {self.world_size} "
-                                  f"ranks x {self.num_workers} workers; use fewer workers or smaller shards")
-        self._store: CacheStore | None = None
+        if len(self.shard_set) < self.world_size * self.num_workers:  # each worker reads whole shards
+            shards, streams = len(self.shard_set), self.world_size * self.num_workers
+            size = -(-self.shard_set.num_samples // streams)
+            raise DistilleryError(f"{self.shard_set.root}: {shards} shard(s) cannot feed {self.world_size} rank(s) x "
+                                  f"{self.num_workers} workers (each worker reads whole shards): train with --workers "
+                                  f"{max(1, shards // self.world_size)}, or rewrite the set with `distillery data shards "
+                                  f"--shard-size {size}` or less")
+        self._stores: list[CacheStore] = []  # opened in the worker that reads them
 
     def shards_of(self, epoch: int, worker: int) -> list[int]:
         order = counter_rng(self.seed, 0, STREAM_SHARD_ORDER, epoch).permutation(len(self.shard_set))
@@ -176,22 +179,31 @@ class TrainStream:
         if self.teacher_views is None:
             return {}, None
         first_view = self.view_of(shard_id, epoch)
-        if self.teacher_views.cache_url is None:
+        if not self.teacher_views.stores:
             return {}, first_view
         views = [(first_view + repeat) % self.teacher_views.num_views for repeat in range(self.repeats)]
         return {view: self._cache_block(shard_id, view, records) for view in views}, first_view
 
     def _cache_block(self, shard_id: int, view: int, records: list) -> dict:
-        if self._store is None:
-            self._store = CacheStore.open(self.teacher_views.cache_url)
-        block = self._store.read_block(shard_id, view=view, teachers=list(self.teacher_views.teacher_names),
-                                       decoded=False)
+        """The shard's rows of one view from every store, joined by sample key: each store's keys must be the
+        shard's, its view parameters the first store's; a row is valid where it is valid in all of them."""
+        if not self._stores:
+            self._stores = [CacheStore.open(url) for url, _ in self.teacher_views.stores]
         keys = [r.key for r in records]
-        if list(block["keys"]) != keys:
-            bad = next(i for i, (a, b) in enumerate(zip(block["keys"], keys)) if a != b)
-            raise CacheError(f"{self.teacher_views.cache_url}: shard {self.shard_set.shards[shard_id].name} row {bad} "
-                             f"holds key {block['keys'][bad]!r} but the image there is {keys[bad]!r}")
-        return block
+        joined: dict[str, Any] = {}
+        for (url, teachers), store in zip(self.teacher_views.stores, self._stores, strict=True):
+            block = store.read_block(shard_id, view=view, teachers=list(teachers), decoded=False)
+            if list(block["keys"]) != keys:
+                bad = next(i for i, (a, b) in enumerate(zip(block["keys"], keys)) if a != b)
+                raise CacheError(f"{url}: shard {self.shard_set.shards[shard_id].name} row {bad} "
+                                 f"holds key {block['keys'][bad]!r} but the image there is {keys[bad]!r}")
+            if joined and not np.array_equal(block["views"], joined["views"]):
+                raise CacheError(f"{url}: shard {self.shard_set.shards[shard_id].name} holds other view parameters "
+                                 f"than {self.teacher_views.stores[0][0]}; its views were drawn differently")
+            valid = block.pop("valid")
+            joined["valid"] = valid if "valid" not in joined else joined["valid"] & valid
+            joined.update(block)
+        return joined
 
     def _sample(self, record, image, epoch: int, view: int | None, block: dict | None, position: int) -> dict[str, Any]:
         sample: dict[str, Any] = {"index": record.index}

@@ -20,16 +20,17 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from distillery.cache.store import CacheError, CacheStore
+from distillery.cache.store import CacheError, CacheStore, identity_differences
 from distillery.console import console, is_main_process, progress_bar
 from distillery.data.shards import ShardSet
 from distillery.data.views import ViewConfig, normalize
 from distillery.errors import DistilleryError
-from distillery.models.students import Student, initial_student
+from distillery.models.students import Student, initial_student, load_init
 from distillery.models.teachers import create_teacher
 from distillery.train import checkpoint as ckpt
 from distillery.config import ConfigError, read_yaml
 from distillery.train.config import RESUMABLE_CHANGES, TrainConfig, load_saved, resolve, save
+from distillery.train.curves import METRICS_FILE, plot_run, read_metrics
 from distillery.train.data import Position, TeacherViews, TrainStream, make_loader
 from distillery.train.distributed import DistInfo, any_rank, barrier, gather_objects, init_distributed
 from distillery.train.ema import ModelEma
@@ -38,7 +39,6 @@ from distillery.train.schedules import warmup_cosine
 from distillery.train.targets import TargetSource, cached_stats, online_stats
 
 CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 IMAGE_KEYS = ("student", "crops/")  # uint8 pixels the loop normalises with the student's mean/std
 
 
@@ -76,23 +76,18 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
             raise ConfigError(f"method {config.method} trains without teachers; drop --cache/--teacher")
         return Teachers()
     if config.cache:
-        store = CacheStore.open(config.cache)
-        if store.identity["dataset"] != shard_set.fingerprint():
-            raise CacheError(f"{config.cache} was built from other data than {config.data} (shard names, counts or keys differ)")
-        if not store.is_complete:
-            raise CacheError(f"{config.cache} is incomplete ({len(store.completed_shards())}/{store.num_shards} shards); "
-                             "finish it by re-running cache-teachers")
-        if store.cls_only:
-            raise CacheError(f"{config.cache} holds CLS tokens only; {config.method} needs patch tokens too")
-        chosen = _chosen_teachers(store, config.cache_teachers, config.cache)
-        names = [t.name for t in chosen]
-        grids = [t.stored_grid for t in chosen]
-        infos = tuple(TeacherInfo(t.name, t.dim, t.stored_grid) for t in chosen)
-        views = TeacherViews(store.num_views, store.identity["views"]["seed"],
-                             ViewConfig.from_dict(store.identity["views"]["config"]), cache_url=config.cache,
-                             teacher_names=tuple(names))
-        stats = cached_stats(store, names) if method_cls.standardize_targets else None
-        return Teachers(infos, views, TargetSource(names, grids, student_grid, stats, device, dtype=store.dtype))
+        stores = {url: _usable_store(url, config, shard_set) for url in config.cache_urls}
+        chosen = _chosen_teachers(stores, config.cache_teachers)
+        names = [t.name for _, t in chosen]
+        infos = tuple(TeacherInfo(t.name, t.dim, t.stored_grid) for _, t in chosen)
+        first = next(iter(stores.values()))
+        reading = tuple((url, tuple(t.name for u, t in chosen if u == url)) for url in stores)
+        views = TeacherViews(first.num_views, first.identity["views"]["seed"],
+                             ViewConfig.from_dict(first.identity["views"]["config"]),
+                             stores=tuple(entry for entry in reading if entry[1]))
+        stats = ({t.name: stores[url].stats(t.name) for url, t in chosen} if method_cls.standardize_targets else None)
+        return Teachers(infos, views, TargetSource(names, [t.stored_grid for _, t in chosen], student_grid, stats, device,
+                                                   dtype={t.name: stores[url].dtype for url, t in chosen}))
     if not config.teachers:
         raise ConfigError(f"method {config.method} learns from teachers: give --cache STORE or --teacher SPEC")
     teachers = [create_teacher(spec, device) for spec in config.teachers]
@@ -114,15 +109,41 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
     return Teachers(infos, views, TargetSource(names, [t.grid for t in teachers], student_grid, stats, device, teachers=teachers))
 
 
-def _chosen_teachers(store: CacheStore, wanted: list[str], url: str) -> list:
-    """The store's teachers, or the named subset in the order given (TinTeM from one teacher of a shared cache)."""
+def _usable_store(url: str, config: TrainConfig, shard_set: ShardSet) -> CacheStore:
+    """A complete store of patch tokens for these shards; beside an earlier one, under the same views."""
+    store = CacheStore.open(url)
+    if store.identity["dataset"] != shard_set.fingerprint():
+        raise CacheError(f"{url} was built from other data than {config.data} (shard names, counts or keys differ)")
+    if not store.is_complete:
+        raise CacheError(f"{url} is incomplete ({len(store.completed_shards())}/{store.num_shards} shards); "
+                         "finish it by re-running cache-teachers")
+    if store.cls_only:
+        raise CacheError(f"{url} holds CLS tokens only; {config.method} needs patch tokens too")
+    first = config.cache_urls[0]
+    if url != first:  # stores are joined row by row: each must have drawn the same views of the same images
+        differences = identity_differences(CacheStore.open(first).identity["views"], store.identity["views"], "views")
+        if differences:
+            raise CacheError(f"{url} and {first} cannot be combined: their views differ ({differences[0]}); "
+                             "cache each teacher with the same --views, --view-seed and --view-config")
+    return store
+
+
+def _chosen_teachers(stores: dict[str, CacheStore], wanted: list[str]) -> list:
+    """(store URL, teacher) for every teacher of the stores, or the named subset in the order given (TinTeM
+    from one teacher of a shared cache). A teacher held by two stores is ambiguous."""
+    held: dict[str, tuple[str, Any]] = {}
+    for url, store in stores.items():
+        for teacher in store.teachers:
+            if teacher.name in held:
+                raise CacheError(f"teacher {teacher.name} is in both {held[teacher.name][0]} and {url}; "
+                                 "combine stores of different teachers")
+            held[teacher.name] = (url, teacher)
     if not wanted:
-        return list(store.teachers)
-    by_name = {t.name: t for t in store.teachers}
-    missing = [name for name in wanted if name not in by_name]
+        return list(held.values())
+    missing = [name for name in wanted if name not in held]
     if missing:
-        raise CacheError(f"{url} has no teacher {', '.join(missing)}; it holds {', '.join(by_name)}")
-    return [by_name[name] for name in wanted]
+        raise CacheError(f"{', '.join(stores)} hold no teacher {', '.join(missing)}; they hold {', '.join(held)}")
+    return [held[name] for name in wanted]
 
 
 def prepare_batch(batch: dict[str, Any], device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
@@ -164,6 +185,8 @@ class Trainer:
         self.warmup_steps = warmup_steps(config.warmup_epochs, self.steps_per_epoch, self.total_steps, config.epochs)
 
         self.student = initial_student(config.student, config.student_args, config.seed)  # the same on every rank
+        if config.init and not resume:  # a resumed run restores its own weights
+            load_init(self.student, config.init)
         with torch.random.fork_rng(devices=[]):  # building teacher models must not move the seeded init of the heads
             self.teachers = _setup_teachers(config, method_cls, shard_set, self.student.grid, device)
         context = MethodContext(
@@ -282,6 +305,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         c = self.config
         metrics_path = self.run_dir / METRICS_FILE
+        if self.start_step >= self.end_step:  # a finished run resumed: nothing to train, and nothing to rewrite
+            return self._finished(metrics_path)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(metrics_path, self.start_step)
@@ -318,8 +343,20 @@ class Trainer:
         path = ckpt.checkpoint_path(self.run_dir, self.end_step)
         if last_saved != self.end_step or not path.exists():
             path = self._save(self.end_step) or path
+        if self.dist.is_main:
+            plot_run(self.run_dir)
         return {"run": str(self.run_dir), "steps": self.end_step, "checkpoint": str(path),
                 "loss": None if last_log is None else last_log["loss"]}
+
+
+    def _finished(self, metrics_path: Path) -> dict[str, Any]:
+        if self.dist.is_main:
+            console.print(f"{self.run_dir} is already at step {self.start_step} of {self.end_step}: nothing to train "
+                          f"(a larger --max-steps, up to the {self.total_steps} steps of its epochs, continues it)")
+        records = read_metrics(self.run_dir) if metrics_path.exists() else []
+        return {"run": str(self.run_dir), "steps": self.start_step,
+                "checkpoint": str(ckpt.checkpoint_path(self.run_dir, self.start_step)),
+                "loss": records[-1]["loss"] if records else None}
 
 
 def clip_per_parameter(parameters, max_norm: float) -> None:
@@ -340,8 +377,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cli_values: dict[str, Any], config_file: str | Path | None = None, resume: bool = False,
-          device: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`distillery train`: resolve the config (file, CLI, then `--set`), set up DDP if launched by torchrun, and fit."""
+          device: str | None = None, overrides: tuple[str, ...] = (), origin: str | None = None) -> dict[str, Any]:
+    """`distillery train`: resolve the config (file, CLI, then `--set`), set up DDP if launched by torchrun, and fit.
+    `origin`, a line saying which recipe the config came from, is printed once the config is known to be good."""
     if resume and overrides:
         raise ConfigError("--resume continues a run with its saved config; --set would change it")
     if resume:
@@ -360,6 +398,8 @@ def train(cli_values: dict[str, Any], config_file: str | Path | None = None, res
                          overrides)
         if ckpt.list_checkpoints(config.out):
             raise ConfigError(f"{config.out} already holds a run; use --resume to continue it, or another --out")
+        if origin and is_main_process():
+            console.print(origin)
     dist = init_distributed(device)
     if dist.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ class TargetSource:
     """Produces `{teacher: Tokens}` for a batch (already on the device)."""
 
     def __init__(self, names: list[str], grids: list[tuple[int, int]], student_grid: tuple[int, int],
-                 stats: dict[str, TeacherStats] | None, device: torch.device, dtype: str | None = None,
+                 stats: dict[str, TeacherStats] | None, device: torch.device, dtype: dict[str, str] | None = None,
                  teachers: list[Teacher] | None = None):
         self.names, self.student_grid = names, student_grid
         self.grids = dict(zip(names, grids, strict=True))  # by teacher name, so no order can misalign them
@@ -63,7 +63,7 @@ class TargetSource:
 
     def _cached(self, batch: dict[str, Any]) -> dict[str, Tokens]:
         def part(name: str, which: str) -> torch.Tensor:
-            return decode(batch[f"targets/{name}/{which}"], batch.get(f"targets/{name}/{which}_scale"), self.dtype)
+            return decode(batch[f"targets/{name}/{which}"], batch.get(f"targets/{name}/{which}_scale"), self.dtype[name])
 
         return {name: Tokens(part(name, "cls"), part(name, "patch")) for name in self.names}
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from distillery.config import check_keys, project_path, read_yaml
 from distillery.errors import DistilleryError
-from distillery.apps.experiments.metrics import TASKS, MetricPath, metric_paths
+from distillery.apps.experiments.metrics import STUDENT_ONLY, TASKS, MetricPath, metric_paths
 from distillery.evaluate.robustness import SETS as ROBUSTNESS_SETS
 
 EXPERIMENTS_DIR = Path("configs/experiments")
@@ -55,6 +55,7 @@ class Dataset:
     davis: Split | None = None  # a DAVIS-2017 layout; images = frames of the split
     segmentation: Split | None = None  # a Pascal VOC layout; images = train + val
     robustness: dict[str, Split] = field(default_factory=dict)  # v2, r, a, c, in9 (evaluate/robustness.py)
+    transfer: dict[str, Split] = field(default_factory=dict)  # name -> a directory holding train/ and val/
 
 
 class PaperResult(NamedTuple):
@@ -96,9 +97,15 @@ class Experiment:
 
     @property
     def metrics(self) -> dict[str, MetricPath]:
-        """Every metric the report shows for each model, and where the evaluation JSON keeps it."""
+        """Every metric the report shows, and where the evaluation JSON keeps it."""
         retrieval = self.dataset.retrieval[0] if self.dataset.retrieval else None
-        return metric_paths(self.tasks, list(self.dataset.ood), retrieval, tuple(self.dataset.robustness))
+        return metric_paths(self.tasks, list(self.dataset.ood), retrieval, tuple(self.dataset.robustness),
+                            tuple(self.dataset.transfer))
+
+    def metrics_of(self, model: str) -> dict[str, MetricPath]:
+        """The metrics `model` has: the heads' are the student's alone."""
+        return {name: where for name, where in self.metrics.items()
+                if model == self.student or where.task not in STUDENT_ONLY}
 
 
 def experiment_names(directory: Path = EXPERIMENTS_DIR) -> list[str]:
@@ -137,7 +144,7 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
                "view_config": view_file}, train=Path(values["train"]),
         dataset=load_dataset(Path(values["data"])), tasks=tasks, eval_settings=settings,
         paper_results=_paper_results(values["paper_results"], path))
-    for task in ("davis", "segmentation", "robustness"):
+    for task in ("davis", "segmentation", "robustness", "transfer"):
         if task in experiment.tasks and not getattr(experiment.dataset, task):
             raise ExperimentError(f"{path}: eval: the {task} task needs a {task}: entry in {values['data']}")
     _check_paper_results(experiment)
@@ -146,7 +153,7 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS_DIR) -> Experiment:
 
 def load_dataset(path: Path) -> Dataset:
     values = _check_keys(read_yaml(path), str(path), ("name", "train", "val"), ("ood", "retrieval", "davis", "segmentation",
-                                                                                   "robustness"))
+                                                                                   "robustness", "transfer"))
     ood = values.get("ood") or {}
     if not isinstance(ood, dict):
         raise ExperimentError(f"{path}: ood: expected a mapping of set names to {{path, images}}")
@@ -157,9 +164,13 @@ def load_dataset(path: Path) -> Dataset:
     davis, segmentation = (_split(values[key], f"{path}: {key}") if values.get(key) is not None else None
                            for key in ("davis", "segmentation"))
     robustness = _check_keys(values.get("robustness") or {}, f"{path}: robustness", (), ROBUSTNESS_SETS)
+    transfer = values.get("transfer") or {}
+    if not isinstance(transfer, dict):
+        raise ExperimentError(f"{path}: transfer: expected a mapping of set names to {{path, images}}")
     return Dataset(str(values["name"]), _split(values["train"], f"{path}: train"), _split(values["val"], f"{path}: val"),
                    {str(name): _split(split, f"{path}: ood: {name}") for name, split in ood.items()}, retrieval, davis,
-                   segmentation, {name: _split(split, f"{path}: robustness: {name}") for name, split in robustness.items()})
+                   segmentation, {name: _split(split, f"{path}: robustness: {name}") for name, split in robustness.items()},
+                   {str(name): _split(split, f"{path}: transfer: {name}") for name, split in transfer.items()})
 
 
 def _check_keys(values: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -202,11 +213,11 @@ def _paper_results(rows: Any, path: Path) -> tuple[PaperResult, ...]:
 
 def _check_paper_results(experiment: Experiment) -> None:
     """Every paper row must name a model the evaluation scores and a metric the report can read."""
-    metrics = experiment.metrics
     for number, row in enumerate(experiment.paper_results, 1):
         where = f"{experiment.path}: paper_results row {number}"
         if row.model not in experiment.models:
             raise ExperimentError(f"{where}: model {row.model!r} is not evaluated here; models: {', '.join(experiment.models)}")
+        metrics = experiment.metrics_of(row.model)
         if row.metric not in metrics:
             raise ExperimentError(f"{where}: metric {row.metric!r} is not reported by this experiment's tasks; "
                                   f"metrics: {', '.join(metrics)}")

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 from distillery.evaluate.robustness import COLUMNS as ROBUSTNESS_COLUMNS
 from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, davis_score, knn_top1, ood_metric, retrieval_map,
-                                         segmentation_score)
+                                         segmentation_score, student_head_top1, teacher_head_top1)
 
 PERCENT = 100  # the evaluation writes fractions; the papers report percent
-TASKS = ("knn", "linear", "robustness", "retrieval", "ood", "davis", "segmentation")  # the tasks the report can read
+# The tasks the report can read. The suite runs all but the heads: `teacher_head` (a TinTeM run) and
+# `student_head` (a Proteus run) are the plan's analyze step, scored for the student only (TinTeM Table 3).
+TASKS = ("knn", "linear", "robustness", "transfer", "retrieval", "ood", "davis", "segmentation", "teacher_head",
+         "student_head")
+HEAD_TASKS = {"teacher_head": "tintem", "student_head": "proteus"}  # -> the method whose run has that head
+STUDENT_ONLY = {"teacher_head_knn", "student_head_knn"}  # result files only the student has
 
 
 def metric_paths(tasks: tuple[str, ...], ood_sets: list[str], retrieval: str | None,
-                 robustness: tuple[str, ...] = ()) -> dict[str, MetricPath]:
+                 robustness: tuple[str, ...] = (), transfer: tuple[str, ...] = ()) -> dict[str, MetricPath]:
     """Every metric the report shows, by its name in an experiment's `paper_results`, for these tasks."""
     paths: dict[str, MetricPath] = {}
     if "knn" in tasks:
         paths |= {f"knn top-1 (k={k})": knn_top1(k) for k in (10, 20)}
+    if "teacher_head" in tasks:
+        paths |= {f"teacher-head knn top-1 (k={k})": teacher_head_top1(k) for k in (10, 20)}
+    if "student_head" in tasks:
+        paths |= {f"student-head knn top-1 (k={k})": student_head_top1(k) for k in (10, 20)}
+    if "transfer" in tasks:
+        paths |= {f"transfer {name} top-1": MetricPath("transfer", ("sets", name, "top1")) for name in transfer}
+        paths["transfer mean top-1"] = MetricPath("transfer", ("mean", "top1"))
     if "linear" in tasks:
         paths["linear top-1"] = LINEAR_TOP1
     if "retrieval" in tasks and retrieval:

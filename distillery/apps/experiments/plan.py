@@ -17,9 +17,10 @@ from typing import Any, Callable, NamedTuple
 from distillery.apps.experiments.architectures import ModelGeometry, PlannedTeacher, architecture, locate_weights, plan_teacher, probe
 from distillery.apps.experiments.costs import Hours, Throughput, bytes_per_view, forward_rate, gpu_hours, store_name, train_rate
 from distillery.apps.experiments.definition import EXPERIMENTS_DIR, Experiment, ExperimentError, MissingInput, Split, load_experiment
+from distillery.apps.experiments.metrics import HEAD_TASKS
 from distillery.errors import DistilleryError
 
-STEPS = ("cache", "train", "export", "eval", "report")
+STEPS = ("cache", "train", "export", "eval", "analyze", "report")  # analyze: the heads' kNN, for runs with a head
 THROUGHPUT_FILE = Path("benchmarks/gpu_throughput.json")
 
 
@@ -33,6 +34,7 @@ class PlanInputs:
     cache_dir: Path | None = None  # default RESULTS/caches, shared by experiments with the same teachers and settings
     throughput: Path = THROUGHPUT_FILE
     strict: bool = False  # a run: missing data or weights are problems, not notes
+    max_steps: int | None = None  # a smoke run: training stops there, everything after the cache goes to OUT/smoke-N
 
 
 class Command(NamedTuple):
@@ -115,10 +117,13 @@ def plan_experiments(names: list[str], inputs: PlanInputs, directory: Path = EXP
 def plan_experiment(name: str, inputs: PlanInputs, directory: Path = EXPERIMENTS_DIR) -> ExperimentPlan:
     """Check everything an experiment needs and work out its commands, cache size and GPU-hours; runs nothing."""
     experiment = load_experiment(name, directory)
-    plan = ExperimentPlan(experiment, inputs, inputs.out or inputs.results / experiment.name,
+    out = inputs.out or inputs.results / experiment.name
+    plan = ExperimentPlan(experiment, inputs, out / f"smoke-{inputs.max_steps}" if inputs.max_steps else out,
                           str(inputs.data) if inputs.data else "${DATA}")
     if inputs.gpus < 1:
         plan.problems.append(f"GPUS must be at least 1, got {inputs.gpus}")
+    if inputs.max_steps is not None and inputs.max_steps < 1:
+        plan.problems.append(f"--max-steps must be at least 1, got {inputs.max_steps}")
     _plan_data(plan)
     weights = inputs.weights
     if weights is not None and not weights.is_dir():
@@ -158,6 +163,7 @@ def _plan_data(plan: ExperimentPlan) -> None:
         layout = [s.path + "/" for s in splits.values()] + ([f"{retrieval[1].path}/{retrieval[0]}/"] if retrieval else [])
         layout += [f"{getattr(dataset, task).path}/" for task in ("davis", "segmentation") if task in experiment.tasks]
         layout += [f"{split.path}/" for split in dataset.robustness.values()] if "robustness" in experiment.tasks else []
+        layout += [f"{split.path}/{{train,val}}/" for split in dataset.transfer.values()] if "transfer" in experiment.tasks else []
         plan.missing(("DATA= not given" if data is None else f"DATA={data}: no such directory")
                      + f": a run needs DATA=DIR holding {dataset.name} as shards ({', '.join(layout)})"
                      + ("" if plan.inputs.strict else "; the plan uses the published image counts"))
@@ -177,6 +183,10 @@ def _plan_data(plan: ExperimentPlan) -> None:
             if data and not (data / split.path).is_dir():
                 plan.missing(f"DATA={data}: no {split.path}/ (the robustness set {name}; evaluate/robustness.py says its layout)")
             plan.counts[f"robustness {name}"] = Count(split.images, f"published count ({name})")
+    if "transfer" in experiment.tasks:
+        for name, split in dataset.transfer.items():
+            count = plan.check(_count_transfer, data, name, split) if data else None
+            plan.counts[f"transfer {name}"] = count or Count(split.images, f"published count ({name} train + val)")
     if "segmentation" in experiment.tasks:
         count = plan.check(_count_segmentation, data, dataset.segmentation) if data else None
         plan.counts["segmentation"] = count or Count(dataset.segmentation.images,
@@ -192,6 +202,15 @@ def _count_shards(data: Path, split: Split, label: str) -> Count:
     if not (directory / INDEX_FILE).exists():  # counting by reading every tar would take as long as the data is big
         return Count(split.images, f"published count ({directory} has no {INDEX_FILE} to count from)")
     return Count(ShardSet.open(directory).num_samples, str(directory / INDEX_FILE))
+
+
+def _count_transfer(data: Path, name: str, split: Split) -> Count:
+    """A transfer set's train + val, from their shard indexes (the published count when one has none)."""
+    counts = [_count_shards(data, Split(f"{split.path}/{part}", split.images), f"transfer set {name} {part}")
+              for part in ("train", "val")]
+    if any(c.source.startswith("published") for c in counts):
+        return Count(split.images, f"published count ({name}: {data / split.path} has a split without an index)")
+    return Count(sum(c.images for c in counts), f"{data / split.path}/{{train,val}}")
 
 
 def _count_retrieval(data: Path, name: str, split: Split) -> Count:
@@ -239,6 +258,10 @@ def _plan_training(plan: ExperimentPlan) -> tuple[ModelGeometry, float] | None:
                                        "out": str(plan.out / "runs"), "cache": str(plan.store or "STORE")}, str(path))
     if not method_class(config.method).uses_teachers:
         raise ExperimentError(f"{path}: method {config.method} trains without teachers; an experiment distils from them")
+    for task in experiment.tasks:
+        if task in HEAD_TASKS and HEAD_TASKS[task] != config.method:
+            raise ExperimentError(f"{experiment.path}: eval: the {task} task scores a {HEAD_TASKS[task]} run's head; "
+                                  f"{path} trains {config.method}")
     if config.batch_size % plan.inputs.gpus:
         raise ExperimentError(f"{path}: batch_size {config.batch_size} does not split evenly over GPUS={plan.inputs.gpus}")
     plan.method, plan.epochs = config.method, config.epochs
@@ -327,12 +350,28 @@ def _plan_steps(plan: ExperimentPlan) -> None:
         "cache": Command((*launch, "cache-teachers", "--data", train_data,
                           *[a for spec in teacher_specs for a in ("--teacher", spec)], "--out", store, *cache_options), env),
         "train": Command((*launch, "train", "--config", str(experiment.train), "--data", train_data, "--cache", store,
-                          "--out", str(run_dir)), env),
+                          "--out", str(run_dir), *(("--max-steps", str(inputs.max_steps)) if inputs.max_steps else ())),
+                         env),
         "export": Command(("distillery", "export", str(run_dir), "--out", str(student_dir))),
         "eval": Command(("distillery", "eval", "suite", str(out / "eval_suite.yaml")), env),
         "report": Command(("distillery", "experiment", "report", experiment.reference, "--results", str(out))),
     }
+    if any(task in HEAD_TASKS for task in experiment.tasks):
+        plan.steps["analyze"] = _analyze_command(plan, run_dir, student_dir, teacher_specs, env)
+        plan.steps = {step: plan.steps[step] for step in STEPS if step in plan.steps}
     plan.suite = eval_suite(plan, dict(zip(experiment.teacher_names, teacher_specs)), student_dir)
+
+
+def _analyze_command(plan: ExperimentPlan, run_dir: Path, student_dir: Path, teacher_specs: list[str],
+                     env: tuple[tuple[str, str], ...]) -> Command:
+    """`distillery analyze heads` over the suite's train and val, reading the features the eval step cached."""
+    experiment, data = plan.experiment, plan.data_root
+    models = (["--teacher", f"{name}={spec}"] for name, spec in zip(experiment.teacher_names, teacher_specs))
+    ks = (plan.experiment.eval_settings.get("knn") or {}).get("ks") or ()
+    return Command(("distillery", "analyze", "heads", str(run_dir), "--train", f"{data}/{experiment.dataset.train.path}",
+                    "--val", f"{data}/{experiment.dataset.val.path}", *[a for pair in models for a in pair],
+                    "--student", f"{experiment.student}=local-dir:{student_dir}", *[a for k in ks for a in ("--k", str(k))],
+                    "--results", str(plan.out / "eval")), env)
 
 
 def _weights_env(plan: ExperimentPlan) -> tuple[tuple[str, str], ...]:
@@ -354,8 +393,10 @@ def eval_suite(plan: ExperimentPlan, teachers: dict[str, str], student_dir: Path
                  if "retrieval" in experiment.tasks and dataset.retrieval else None)
     davis, segmentation = (f"{data}/{getattr(dataset, task).path}" if task in experiment.tasks else None
                            for task in ("davis", "segmentation"))
+    sets = lambda task, splits: {n: f"{data}/{s.path}" for n, s in splits.items()} if task in experiment.tasks else None  # noqa: E731
+    tasks = [task for task in experiment.tasks if task not in HEAD_TASKS]  # the analyze step scores the heads
     return suite_config_values({experiment.student: f"local-dir:{student_dir}", **teachers},
-                               f"{data}/{dataset.train.path}", f"{data}/{dataset.val.path}", list(experiment.tasks),
-                               experiment.eval_settings, str(plan.out / "eval"), ood, retrieval, davis,
-                               segmentation, {name: f"{data}/{split.path}" for name, split in dataset.robustness.items()}
-                               if "robustness" in experiment.tasks else None)
+                               f"{data}/{dataset.train.path}", f"{data}/{dataset.val.path}", tasks,
+                               {t: v for t, v in experiment.eval_settings.items() if t in tasks}, str(plan.out / "eval"),
+                               ood, retrieval, davis, segmentation, sets("robustness", dataset.robustness),
+                               sets("transfer", dataset.transfer))

@@ -20,7 +20,7 @@ def build_report(experiment: Experiment, results: Path) -> dict[str, Any]:
     """The papers' rows with the reproduced numbers beside them, then every other metric of every model."""
     reproduced = {}
     for model in experiment.models:
-        for metric, where in experiment.metrics.items():
+        for metric, where in experiment.metrics_of(model).items():
             path = default_path(model, where.task, results / "eval")
             reproduced[model, metric] = (_read_metric(results / "eval", model, where, metric), f"{path}#{where.describe()}")
 

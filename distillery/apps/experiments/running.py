@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from distillery.apps.experiments.definition import ExperimentError
+from distillery.console import console
 from distillery.apps.experiments.plan import STEPS, ExperimentPlan
 from distillery.evaluate.suite import write_suite_config
 
@@ -19,6 +20,9 @@ def run_step(plan: ExperimentPlan, step: str) -> None:
         raise ExperimentError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
     if plan.problems:
         raise ExperimentError(f"{plan.experiment.name}: {plan.problems[0]}")
+    if step not in plan.steps:  # analyze, for a method without a head
+        console.print(f"{plan.experiment.name}: no {step} step for {plan.method} (it has no head to score)")
+        return
     command = plan.steps[step]
     argv = list(command.argv)
     if step == "train" and list_checkpoints(plan.out / "runs" / plan.method):

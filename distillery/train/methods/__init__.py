@@ -65,6 +65,7 @@ class Method(nn.Module, abc.ABC):
     standardize_targets: ClassVar[bool] = False
     view_passes: ClassVar[int] = 1  # student forwards per teacher/random view and step (what plans cost)
     max_teachers: ClassVar[int | None] = None  # a single-teacher method says 1
+    paper_recipe: ClassVar[str | None] = None  # configs/<name>_<paper_recipe>.yaml: its paper's settings, sourced
 
     def __init__(self, config: Any, context: MethodContext):
         super().__init__()

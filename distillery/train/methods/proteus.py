@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.config import ConfigError
+from distillery.errors import DistilleryError
 from distillery.train.data import SampleSpec
 from distillery.train.methods import Method, MethodContext, register_method
 
@@ -49,6 +50,18 @@ class ProteusConfig:
 def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
     """LayerNorm -> Linear, PyTorch's default initialisation, as the reference builds its three heads."""
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
+
+
+def token_head_from_state(state: dict, where: str) -> nn.Sequential:
+    """The token head (student CLS -> teacher space) of a Proteus checkpoint (`checkpoint.load_checkpoint`)."""
+    if state.get("config", {}).get("method") != "proteus":
+        raise DistilleryError(f"{where}: not a proteus run (method {state.get('config', {}).get('method')!r}); only "
+                              "Proteus has a student head")
+    prefix = "method.token_head."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    head = projection_head(*weights["1.weight"].shape[::-1])
+    head.load_state_dict(weights)
+    return head.eval().requires_grad_(False)
 
 
 def proteus_masks(batch: int, tokens: int, config: ProteusConfig, generator: torch.Generator) -> torch.Tensor:
@@ -80,6 +93,7 @@ def proteus_losses(token_out: torch.Tensor, fea_out: torch.Tensor, patch_out: to
 @register_method
 class Proteus(Method):
     name = "proteus"
+    paper_recipe = "vitt14_in1k"
     config_class = ProteusConfig
     uses_teachers = True
     view_passes = 2  # the unmasked and the masked pass

@@ -60,6 +60,7 @@ def sefa_loss(ssl_loss: torch.Tensor, distill_loss: torch.Tensor, ssl_weight: fl
 @register_method
 class Sefa(DinoHooks, Method):
     name = "sefa"
+    paper_recipe = "vits16_in1k"
     config_class = SefaConfig
     uses_teachers = True
     standardize_targets = True

@@ -118,6 +118,7 @@ def combine_teachers(tokens: list[torch.Tensor]) -> torch.Tensor:
 @register_method
 class Tintem(Method):
     name = "tintem"
+    paper_recipe = "vitt14_in1k"
     config_class = TintemConfig
     uses_teachers = True
     standardize_targets = False

@@ -65,6 +65,7 @@ class LadderHead(nn.Module):
 @register_method
 class Unic(Method):
     name = "unic"
+    paper_recipe = "vits16_in1k"
     config_class = UnicConfig
     uses_teachers = True
     standardize_targets = True
