@@ -139,7 +139,7 @@ def run_demo(config: DemoConfig) -> Path:
     steps.run(f"evaluation suite -> {suite['out']}", False, lambda: run_suite(suite_path))
     columns = suite_columns(read_suite_config(suite_path))
     roles = _roles(config, columns)
-    steps.run("model-free baselines and TinTeM's teacher heads", False, lambda: _analyses(config, synth, suite, roles))
+    steps.run("model-free baselines and the heads' kNN (TinTeM Table 3)", False, lambda: _analyses(config, synth, suite, roles))
 
     trained = (*[r for r in config.teachers if not r.shipped], *config.students, *([config.alone] if config.alone else []))
     runs = {run.name: work / "runs" / run.name for run in trained}
