@@ -538,12 +538,12 @@ def eval_ood(
     _eval_task("ood", model, data, settings, out, features_dir, batch_size, workers, device)
 
 
-def _cka(task: str, specs, features, data, settings, out, features_dir, batch_size, workers, device):
+def _cka(task: str, specs, features, data, settings, out, features_dir, batch_size, workers, device, stores=None):
     from distillery.evaluate.features import Extraction
     from distillery.evaluate.suite import run_cka
 
     result, path, heatmap = run_cka(specs or [], features or [], data, settings,
-                                    Extraction(batch_size, workers, features_dir), device, out, task)
+                                    Extraction(batch_size, workers, features_dir), device, out, task, stores=stores or [])
     console.print(f"heatmap: {heatmap}")
     return result, path
 
@@ -651,8 +651,9 @@ app.add_typer(teachers_app, name="teachers")
 
 @teachers_app.command("rank")
 def teachers_rank(
-    teacher: Annotated[list[str], typer.Option(help="Teacher spec (repeat; at least two).")],
-    data: Annotated[Path, typer.Option(help="The images the teachers are compared on.")],
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher spec, run on --data (repeat).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The images the --teacher models are compared on.")] = None,
+    store: Annotated[Optional[list[str]], typer.Option(help="A cache store: its teachers compared on their stored CLS of view 0, no teacher run (repeat; one store per teacher works, built on the same shards).")] = None,
     target: Annotated[Optional[float], typer.Option(help="The CKA to aim for (default 0.5, the SeFA paper's finding).")] = None,
     tolerance: Annotated[Optional[float], typer.Option(help="Pairs within this of the target are flagged (default 0.1).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Result JSON; the heatmap PNG goes beside it (default: results/teachers-rank.json).")] = None,
@@ -663,7 +664,8 @@ def teachers_rank(
     from distillery.evaluate.tasks import CkaSettings, pairs_table
 
     settings = CkaSettings(**_given(target=target, tolerance=tolerance))
-    result, path = _cka("teachers-rank", teacher, None, data, settings, out, features_dir, batch_size, workers, device)
+    result, path = _cka("teachers-rank", teacher, None, data, settings, out, features_dir, batch_size, workers, device,
+                        store)
     show_result(pairs_table(result), path)
 
 

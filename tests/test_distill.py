@@ -356,3 +356,22 @@ def test_training_from_a_brace_pattern_of_the_shards_is_training_from_their_dire
                      for name, data in (("braced", pattern), ("plain", str(tiny_synth / "train"))))
     first = [next(iter(t.loader)) for t in (braced, plain)]
     assert torch.equal(first[0]["student"], first[1]["student"]) and torch.equal(first[0]["index"], first[1]["index"])
+
+
+def test_teachers_rank_across_stores_reads_their_stored_cls(tiny_cache, single_teacher_stores, tmp_path):
+    """CKA of teachers cached apart equals CKA of the same teachers cached together, from the stored CLS."""
+    from distillery.cache.store import CacheStore
+    from distillery.evaluate.cka import linear_cka
+    from distillery.evaluate.features import Extraction
+    from distillery.evaluate.suite import run_cka
+    from distillery.evaluate.tasks import CkaSettings
+
+    apart, _, _ = run_cka([], [], None, CkaSettings(), Extraction(), out=tmp_path / "apart.json", stores=single_teacher_stores)
+    together, _, _ = run_cka([], [], None, CkaSettings(), Extraction(), out=tmp_path / "together.json",
+                             stores=[str(tiny_cache)])
+    assert apart.metrics["names"] == together.metrics["names"] == ["teacher_a", "teacher_b"]
+    assert apart.metrics["linear"][0][1] == pytest.approx(together.metrics["linear"][0][1], abs=1e-6)
+    store = CacheStore.open(str(tiny_cache))
+    blocks = [store.read_block(shard, view=0, parts=("cls",)) for shard in range(store.num_shards)]
+    a, b = (torch.cat([blk[f"{name}/cls"] for blk in blocks]).numpy() for name in ("teacher_a", "teacher_b"))
+    assert apart.metrics["linear"][0][1] == pytest.approx(linear_cka(a, b), abs=1e-6)

@@ -435,6 +435,38 @@ def _write_cached(path: Path, features: Features, spec: str) -> None:
         np.savez(f, **arrays)
 
 
+def store_features(urls: list[str], view: int = 0) -> dict[str, tuple[str, Features]]:
+    """Every teacher's stored CLS of one view, from stores built on the same shards (one per teacher, or
+    several teachers each), keeping the rows valid in every store: teacher name -> (its spec, Features).
+    No image is decoded and no teacher runs: CKA between cached teachers costs one read of their CLS."""
+    from distillery.cache.store import CacheStore
+
+    loaded, keys, valid = {}, None, None
+    for url in urls:
+        store = CacheStore.open(url)
+        if not store.is_complete:
+            raise DistilleryError(f"{url}: incomplete store; finish it with cache-teachers before comparing teachers")
+        if not 0 <= view < store.num_views:
+            raise DistilleryError(f"{url}: no view {view}; it holds views 0-{store.num_views - 1}")
+        blocks = [store.read_block(shard, view=view, parts=("cls",)) for shard in range(store.num_shards)]
+        store_keys = [str(k) for block in blocks for k in block["keys"]]
+        if keys is not None and store_keys != keys:
+            raise DistilleryError(f"{url} and {urls[0]} were built on other images (their sample keys differ)")
+        keys = store_keys
+        store_valid = np.concatenate([np.asarray(block["valid"], bool) for block in blocks])
+        valid = store_valid if valid is None else valid & store_valid
+        for teacher in store.teachers:
+            if teacher.name in loaded:
+                raise DistilleryError(f"teacher {teacher.name} is in more than one of {', '.join(urls)}")
+            cls = np.concatenate([np.asarray(block[f"{teacher.name}/cls"], np.float32) for block in blocks])
+            fingerprint = {"model": teacher.fingerprint,
+                           "data": {"store_dataset": store.identity["dataset"], "view": view}}
+            loaded[teacher.name] = (teacher.spec, cls, fingerprint)
+    kept = [key for key, ok in zip(keys, valid) if ok]
+    return {name: (spec, Features(cls[valid], None, kept, fingerprint))
+            for name, (spec, cls, fingerprint) in loaded.items()}
+
+
 def read_features_file(path: str | os.PathLike) -> tuple[str, Features]:
     """(model spec, features) from a file written by `extract_features` (raw, not normalised)."""
     path = Path(path)

@@ -35,7 +35,8 @@ from distillery.console import console, print_table
 from distillery.data.shards import CLASS_LABEL
 from distillery.errors import DistilleryError
 from distillery.evaluate.cka import plot_cka_heatmap
-from distillery.evaluate.features import Extraction, Features, default_device, read_features_file, source_name
+from distillery.evaluate.features import (Extraction, Features, default_device, read_features_file, source_name,
+                                          store_features)
 from distillery.files import write_atomic
 from distillery.evaluate.robustness import COLUMNS as ROBUSTNESS_COLUMNS
 from distillery.evaluate.robustness import SETS as ROBUSTNESS_SETS
@@ -71,9 +72,10 @@ def run_task(task: str, spec: str, data: EvalData, settings: Any, extraction: Ex
 
 def run_cka(specs: list[str], feature_files: list[str], data: Path | None, settings: CkaSettings, extraction: Extraction,
             device: str | None = None, out: Path | None = None, task: str = "cka",
-            results_root: Path = RESULTS_DIR) -> tuple[TaskResult, Path, Path]:
-    """CKA between models run on `data` and/or features files written by an earlier extraction
-    (`NAME=PATH` names a file's model; else its spec's name). Writes the JSON and a heatmap PNG beside it."""
+            results_root: Path = RESULTS_DIR, stores: list[str] = ()) -> tuple[TaskResult, Path, Path]:
+    """CKA between models run on `data`, features files written by an earlier extraction (`NAME=PATH` names
+    a file's model; else its spec's name) and/or the teachers of cache stores (their stored CLS of view 0).
+    Writes the JSON and a heatmap PNG beside it."""
     features: dict[str, Features] = {}
     models: dict[str, dict[str, Any]] = {}
 
@@ -92,6 +94,8 @@ def run_cka(specs: list[str], feature_files: list[str], data: Path | None, setti
         name, _, path = entry.rpartition("=")
         spec, values = read_features_file(path)
         add(name or teacher_name(spec), spec, values)
+    for name, (spec, values) in (store_features(list(stores)) if stores else {}).items():
+        add(name, spec, values)
     result = cka_task(features, models, settings)
     path = save_result(result, out or Path(results_root) / f"{task}.json")
     heatmap = plot_cka_heatmap(result.metrics["names"], result.metrics["linear"], path.with_suffix(".png"),
