@@ -211,8 +211,8 @@ def train(
 
     values = {"method": method, "data": data, "out": out, "student": student, "epochs": epochs, "max_steps": max_steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "workers": workers, "checkpoint_every": checkpoint_every,
-              "cache": (cache[0] if len(cache) == 1 else cache) if cache else None, "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from,
-              "init": init}
+              "cache": (cache[0] if len(cache) == 1 else cache) if cache else None,
+              "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from, "init": init}
     summary = run(values, config, resume=resume, device=device, overrides=tuple(set_ or ()), origin=origin)
     print_mapping(f"run {summary['run']}", summary)
 

@@ -254,7 +254,8 @@ def _analyses(config: DemoConfig, synth: Path, suite: dict[str, Any], roles: Any
     from distillery.evaluate.results import default_path, save_result
     from distillery.evaluate.suite import features_dir
     from distillery.evaluate.tasks import EvalData, EvalModel, KnnSettings, RetrievalData
-    from distillery.evaluate.heads import HEAD_METHODS, head_knn
+    from distillery.evaluate.heads import head_knn
+    from distillery.evaluate.results import HEAD_KNN_TASKS
 
     eval_dir = Path(suite["out"])
     labels = tuple(dict.fromkeys(roles.teachers.values()))
@@ -265,7 +266,7 @@ def _analyses(config: DemoConfig, synth: Path, suite: dict[str, Any], roles: Any
         return Extraction(cache_dir=features_dir(eval_dir, model.name), show_progress=False)
 
     for student, (method, teachers) in roles.students.items():
-        if method not in HEAD_METHODS:
+        if method not in HEAD_KNN_TASKS:
             continue
         model = EvalModel.load(student, suite["models"][student], default_device())
         models = [EvalModel.load(t, suite["models"][t], default_device()) for t in teachers]

@@ -119,17 +119,16 @@ def heads_markdown(eval_dir: Path, roles: Roles) -> str | None:
     """TinTeM Table 3 for every single-teacher run with a head: the backbone's kNN, the head's and the teacher's,
     on the teacher's expertise; None when no run has a head."""
     from distillery.evaluate.claims import K, Results
-    from distillery.evaluate.results import STUDENT_HEAD_KNN, TEACHER_HEAD_KNN
+    from distillery.evaluate.results import HEAD_KNN_TASKS, head_top1
 
-    heads = {"tintem": ("teacher head", TEACHER_HEAD_KNN), "proteus": ("student head", STUDENT_HEAD_KNN)}
     results = Results(eval_dir)
     lines = ["| run | on | backbone kNN | head | head kNN | teacher | teacher kNN |", "|---|---|---:|---|---:|---|---:|"]
     for run, (method, teachers) in roles.students.items():
-        if method not in heads or len(teachers) != 1:
+        if method not in HEAD_KNN_TASKS or len(teachers) != 1:
             continue
-        (head, task), teacher = heads[method], teachers[0]
-        label = roles.teachers[teacher]
-        knn = results.metric(run, MetricPath(labelled_task(task, label), (f"k={K}", "top1")))
+        task, teacher = HEAD_KNN_TASKS[method], teachers[0]
+        head, label = task.removesuffix("_knn").replace("_", " "), roles.teachers[teacher]  # "teacher head"
+        knn = results.metric(run, head_top1(task, K, label))
         lines.append(f"| {run} | {label} | {100 * results.knn(run, label):.1f} | {head} | {100 * knn:.1f} | {teacher} | "
                      f"{100 * results.knn(teacher, label):.1f} |")
     return "\n".join(lines) if len(lines) > 2 else None

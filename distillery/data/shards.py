@@ -76,6 +76,11 @@ def decode_image(data: bytes | None, where: str) -> Image.Image:
         raise ImageDecodeError(f"{where}: cannot decode image ({error})") from error
 
 
+def names_shards(spec: str | os.PathLike) -> bool:
+    """Whether a shard-set argument names shards rather than their directory: one `.tar`, or a brace pattern."""
+    return str(spec).endswith(".tar") or "{" in str(spec)
+
+
 def _label_files(root: Path) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]]]:
     """The class names (classes.json) and factor values (factors.json) a shard directory records."""
     classes = tuple(json.loads((root / CLASSES_FILE).read_text())) if (root / CLASSES_FILE).exists() else None
@@ -123,7 +128,7 @@ class ShardSet:
         """A shard directory, or some of its shards the way webdataset names them: one `.tar`, or a brace
         pattern (`shards/train-{000000..000099}.tar`), in the order given. The directory's shards.json (or
         one pass over the named tars, when it has none) says what each holds."""
-        if str(root).endswith(".tar") or "{" in str(root):
+        if names_shards(root):
             return cls._open_named(str(root))
         root = Path(root)
         if not root.is_dir():

@@ -40,7 +40,7 @@ from PIL import Image
 from distillery.console import console, progress_bar
 from distillery.data.imagefolder import find_classes
 from distillery.data.pipeline import ShardLoader, ShardStream, WorkerFailure, decode, shard_records
-from distillery.data.shards import INDEX_FILE, ImageDecodeError, ShardSet, decode_image
+from distillery.data.shards import INDEX_FILE, ImageDecodeError, ShardSet, decode_image, names_shards
 from distillery.data.views import eval_view, normalize, replay
 from distillery.errors import DistilleryError
 from distillery.evaluate.knn import l2_normalize
@@ -292,7 +292,7 @@ def source_name(path: Path) -> str:
 def open_images(path: str | os.PathLike) -> ImageSource:
     """A shard directory (`*.tar` + `shards.json`), some of its shards (one `.tar`, or a brace pattern as
     webdataset writes them) or an ImageFolder tree (`root/<class>/<image>`)."""
-    if str(path).endswith(".tar") or "{" in str(path):
+    if names_shards(path):
         shard_set = ShardSet.open(path)
         return ShardSource(shard_set, source_name(shard_set.root) + f"_{len(shard_set)}_{shard_set.shards[0].name[:-4]}")
     path = Path(path)

@@ -24,12 +24,9 @@ import torch
 
 from distillery.errors import DistilleryError
 from distillery.evaluate.features import Extraction
-from distillery.evaluate.results import STUDENT_HEAD_KNN, TEACHER_HEAD_KNN, TaskResult, labelled_task
+from distillery.evaluate.results import HEAD_KNN_TASKS, STUDENT_HEAD_KNN, TEACHER_HEAD_KNN, TaskResult, labelled_task
 from distillery.evaluate.tasks import EvalData, EvalModel, KnnSettings, labelled_features, score_knn
 from distillery.train import checkpoint as ckpt
-
-HEAD_METHODS = {"tintem": TEACHER_HEAD_KNN, "proteus": STUDENT_HEAD_KNN}  # the runs with a head to score
-
 
 def head_knn(run_dir: Path, student: EvalModel | None, teachers: list[EvalModel], data: EvalData,
              settings: KnnSettings, extraction: Callable[[EvalModel], Extraction]) -> TaskResult:
@@ -54,7 +51,7 @@ def head_knn(run_dir: Path, student: EvalModel | None, teachers: list[EvalModel]
         head = token_head_from_state(state, str(path))
         return _head_knn(STUDENT_HEAD_KNN, lambda cls: head(cls[0]), [student], data, settings, extraction, path,
                          "Proteus token head of the student's raw CLS, L2-normalised")
-    raise DistilleryError(f"{run_dir}: method {method} has no head to score; runs of {', '.join(HEAD_METHODS)} do")
+    raise DistilleryError(f"{run_dir}: method {method} has no head to score; runs of {', '.join(HEAD_KNN_TASKS)} do")
 
 
 def _head_knn(task: str, head: Callable[[list[torch.Tensor]], torch.Tensor], models: list[EvalModel], data: EvalData,

@@ -140,14 +140,16 @@ def linear_top1(label: str = CLASS_LABEL) -> MetricPath:
 LINEAR_TOP1 = linear_top1()
 TEACHER_HEAD_KNN = "teacher_head_knn"  # TinTeM Table 3 (evaluate/heads.py)
 STUDENT_HEAD_KNN = "student_head_knn"  # the same for Proteus' student head
+HEAD_KNN_TASKS = {"tintem": TEACHER_HEAD_KNN, "proteus": STUDENT_HEAD_KNN}  # method -> its head's kNN result
+
+
+def head_top1(task: str, k: int, label: str = CLASS_LABEL) -> MetricPath:
+    """Top-1 at `k` of a head's kNN result (`TEACHER_HEAD_KNN` or `STUDENT_HEAD_KNN`)."""
+    return MetricPath(labelled_task(task, label), (f"k={k}", "top1"))
 
 
 def teacher_head_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
-    return MetricPath(labelled_task(TEACHER_HEAD_KNN, label), (f"k={k}", "top1"))
-
-
-def student_head_top1(k: int, label: str = CLASS_LABEL) -> MetricPath:
-    return MetricPath(labelled_task(STUDENT_HEAD_KNN, label), (f"k={k}", "top1"))
+    return head_top1(TEACHER_HEAD_KNN, k, label)
 
 
 def davis_score(name: str = "J&F-Mean") -> MetricPath:

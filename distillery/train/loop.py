@@ -76,7 +76,9 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
             raise ConfigError(f"method {config.method} trains without teachers; drop --cache/--teacher")
         return Teachers()
     if config.cache:
-        stores = {url: _usable_store(url, config, shard_set) for url in config.cache_urls}
+        stores: dict[str, CacheStore] = {}
+        for url in config.cache_urls:
+            stores[url] = _usable_store(url, config, shard_set, next(iter(stores.values()), None))
         chosen = _chosen_teachers(stores, config.cache_teachers)
         names = [t.name for _, t in chosen]
         infos = tuple(TeacherInfo(t.name, t.dim, t.stored_grid) for _, t in chosen)
@@ -109,8 +111,8 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
     return Teachers(infos, views, TargetSource(names, [t.grid for t in teachers], student_grid, stats, device, teachers=teachers))
 
 
-def _usable_store(url: str, config: TrainConfig, shard_set: ShardSet) -> CacheStore:
-    """A complete store of patch tokens for these shards; beside an earlier one, under the same views."""
+def _usable_store(url: str, config: TrainConfig, shard_set: ShardSet, first: CacheStore | None) -> CacheStore:
+    """A complete store of patch tokens for these shards; beside the `first` one, under the same views."""
     store = CacheStore.open(url)
     if store.identity["dataset"] != shard_set.fingerprint():
         raise CacheError(f"{url} was built from other data than {config.data} (shard names, counts or keys differ)")
@@ -119,11 +121,10 @@ def _usable_store(url: str, config: TrainConfig, shard_set: ShardSet) -> CacheSt
                          "finish it by re-running cache-teachers")
     if store.cls_only:
         raise CacheError(f"{url} holds CLS tokens only; {config.method} needs patch tokens too")
-    first = config.cache_urls[0]
-    if url != first:  # stores are joined row by row: each must have drawn the same views of the same images
-        differences = identity_differences(CacheStore.open(first).identity["views"], store.identity["views"], "views")
+    if first is not None:  # stores are joined row by row: each must have drawn the same views of the same images
+        differences = identity_differences(first.identity["views"], store.identity["views"], "views")
         if differences:
-            raise CacheError(f"{url} and {first} cannot be combined: their views differ ({differences[0]}); "
+            raise CacheError(f"{url} and {first.url} cannot be combined: their views differ ({differences[0]}); "
                              "cache each teacher with the same --views, --view-seed and --view-config")
     return store
 

@@ -7,16 +7,17 @@ fractions; evaluate/results.py says where each one is.
 from __future__ import annotations
 
 from distillery.evaluate.robustness import COLUMNS as ROBUSTNESS_COLUMNS
-from distillery.evaluate.results import (LINEAR_TOP1, MetricPath, davis_score, knn_top1, ood_metric, retrieval_map,
-                                         segmentation_score, student_head_top1, teacher_head_top1)
+from distillery.evaluate.results import (HEAD_KNN_TASKS, LINEAR_TOP1, MetricPath, davis_score, head_top1, knn_top1,
+                                         ood_metric, retrieval_map, segmentation_score)
 
 PERCENT = 100  # the evaluation writes fractions; the papers report percent
 # The tasks the report can read. The suite runs all but the heads: `teacher_head` (a TinTeM run) and
 # `student_head` (a Proteus run) are the plan's analyze step, scored for the student only (TinTeM Table 3).
 TASKS = ("knn", "linear", "robustness", "transfer", "retrieval", "ood", "davis", "segmentation", "teacher_head",
          "student_head")
-HEAD_TASKS = {"teacher_head": "tintem", "student_head": "proteus"}  # -> the method whose run has that head
-STUDENT_ONLY = {"teacher_head_knn", "student_head_knn"}  # result files only the student has
+# experiment task (`teacher_head`) -> the method whose run has that head; its result is `<task>_knn`
+HEAD_TASKS = {task.removesuffix("_knn"): method for method, task in HEAD_KNN_TASKS.items()}
+STUDENT_ONLY = set(HEAD_KNN_TASKS.values())  # result files only the student has
 
 
 def metric_paths(tasks: tuple[str, ...], ood_sets: list[str], retrieval: str | None,
@@ -25,10 +26,8 @@ def metric_paths(tasks: tuple[str, ...], ood_sets: list[str], retrieval: str | N
     paths: dict[str, MetricPath] = {}
     if "knn" in tasks:
         paths |= {f"knn top-1 (k={k})": knn_top1(k) for k in (10, 20)}
-    if "teacher_head" in tasks:
-        paths |= {f"teacher-head knn top-1 (k={k})": teacher_head_top1(k) for k in (10, 20)}
-    if "student_head" in tasks:
-        paths |= {f"student-head knn top-1 (k={k})": student_head_top1(k) for k in (10, 20)}
+    for head in (task for task in HEAD_TASKS if task in tasks):  # "teacher-head knn top-1 (k=20)"
+        paths |= {f"{head.replace('_', '-')} knn top-1 (k={k})": head_top1(f"{head}_knn", k) for k in (10, 20)}
     if "transfer" in tasks:
         paths |= {f"transfer {name} top-1": MetricPath("transfer", ("sets", name, "top1")) for name in transfer}
         paths["transfer mean top-1"] = MetricPath("transfer", ("mean", "top1"))
