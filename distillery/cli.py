@@ -94,7 +94,7 @@ def data_shards(
 
 
 @data_app.command("info")
-def data_info(directory: Annotated[Path, typer.Argument(help="A shard directory, one of its .tar files, or a brace pattern of them (shards/train-{000000..000009}.tar).")]) -> None:
+def data_info(directory: Annotated[str, typer.Argument(help="A shard directory (a path or an fsspec URL: s3://bucket/train), one .tar, a brace pattern of them (shards/train-{000000..000009}.tar) or pipe: commands.")]) -> None:
     """Print shard count, sample count, classes and image size range."""
     from distillery.data.shards import ShardSet, describe
 
@@ -104,7 +104,7 @@ def data_info(directory: Annotated[Path, typer.Argument(help="A shard directory,
         info = describe(shard_set, progress=lambda n: progress.update(task, advance=n, visible=True))
     names = info.pop("class_names")
     info["class names"] = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-    print_mapping(str(directory), info)
+    print_mapping(directory, info)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -115,31 +115,40 @@ app.add_typer(cache_app, name="cache")
 
 @app.command("cache-teachers")
 def cache_teachers(
-    data: Annotated[Path, typer.Option(help="Shard directory (e.g. synth/train).")],
+    data: Annotated[str, typer.Option(help="Shards: a directory (a path or an fsspec URL, e.g. s3://bucket/train), one .tar, a brace pattern or pipe: commands.")],
     teacher: Annotated[list[str], typer.Option(help="Teacher spec: timm name.tag, hf-hub:org/repo or local-dir:PATH. Repeat for several.")],
     out: Annotated[str, typer.Option(help="Zarr store: a local path or an fsspec URL.")],
-    views: Annotated[int, typer.Option(help="Augmented views cached per image.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the views: view v of image i is a function of (seed, i, v).")] = 0,
+    views: Annotated[Optional[int], typer.Option(help="Augmented views cached per image (default 4).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the views: view v of image i is a function of (seed, i, v) (default 0).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per teacher forward (each with all its views).")] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader processes decoding and rendering views.")] = 2,
-    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or int8 (symmetric per token, float16 scale).")] = "float16",
-    patch_pool: Annotated[int, typer.Option(help="Average-pool the patch grid by 1, 2 or 4 before storing.")] = 1,
-    cls_only: Annotated[bool, typer.Option(help="Store CLS tokens only.")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="float16 (default), bfloat16 or int8 (symmetric per token, float16 scale).")] = None,
+    patch_pool: Annotated[Optional[int], typer.Option(help="Average-pool the patch grid by 1 (default), 2 or 4 before storing.")] = None,
+    cls_only: Annotated[Optional[bool], typer.Option("--cls-only", help="Store CLS tokens only.")] = None,
     view_config: Annotated[Optional[Path], typer.Option(help="YAML with view settings (scale, ratio, flip_p, jitter_p, ..., *_p: 0 turns an op off).")] = None,
+    add: Annotated[bool, typer.Option(help="Add the --teacher models to the finished store --out, under its own data, views and storage; the arrays already there are not touched.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite/--resume", help="Rebuild from scratch, or (default) resume a store built with the same settings.")] = False,
 ) -> None:
     """Run every teacher once over V seeded views of every image and store CLS/patch tokens in a Zarr store.
 
     Several writers: `torchrun --nproc_per_node=K -m distillery.cli cache-teachers ...`, or plain processes
     with RANK and WORLD_SIZE set; each image shard is written by exactly one of them."""
-    from distillery.cache.writer import CacheConfig, cache_teachers as run
+    from distillery.cache.writer import CacheConfig, addition_config, cache_teachers as run
     from distillery.config import read_yaml
     from distillery.data.views import ViewConfig
 
-    views_settings = ViewConfig.from_dict(read_yaml(view_config), str(view_config)) if view_config else ViewConfig()
-    config = CacheConfig(teachers=tuple(teacher), views=views, seed=seed, view_config=views_settings,
-                         dtype=dtype, patch_pool=patch_pool, cls_only=cls_only, batch_size=batch_size, workers=workers)
-    summary = run(str(data), out, config, overwrite=overwrite)
+    given = {"views": views, "seed": seed, "dtype": dtype, "patch_pool": patch_pool, "cls_only": cls_only,
+             "view_config": ViewConfig.from_dict(read_yaml(view_config), str(view_config)) if view_config else None}
+    given = {key: value for key, value in given.items() if value is not None}
+    if add:
+        config = addition_config(out, tuple(teacher), batch_size, workers)
+        conflicting = [key for key, value in given.items() if getattr(config, key) != value]
+        if conflicting:
+            raise DistilleryError(f"--add takes the views and storage of {out}; its {conflicting[0]} is "
+                                  f"{getattr(config, conflicting[0])!r}, not {given[conflicting[0]]!r} (drop the option)")
+    else:
+        config = CacheConfig(teachers=tuple(teacher), batch_size=batch_size, workers=workers, **given)
+    summary = run(data, out, config, overwrite=overwrite, add=add)
     print_mapping(f"cache {out}", summary)
 
 
@@ -155,7 +164,7 @@ def cache_info(store: Annotated[str, typer.Argument(help="A cache store (path or
 @cache_app.command("verify")
 def cache_verify(
     store: Annotated[str, typer.Argument(help="A cache store (path or URL).")],
-    data: Annotated[Path, typer.Option(help="The shard directory the store was built from.")],
+    data: Annotated[str, typer.Option(help="The shards the store was built from (as --data of cache-teachers).")],
     recompute: Annotated[int, typer.Option(help="Random rows to recompute from the images and teachers.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the rows picked for --recompute.")] = 0,
 ) -> None:
@@ -177,17 +186,19 @@ def cache_verify(
 @app.command("train")
 def train(
     method: Annotated[Optional[str], typer.Option(help="supervised, dino, unic, sefa or tintem.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Training shard directory.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training shards: a directory (a path or an fsspec URL, e.g. s3://bucket/train), one .tar, a brace pattern or pipe: commands.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory (config.yaml, metrics.jsonl, checkpoints/).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML whose keys mirror these options; the command line wins.")] = None,
     student: Annotated[Optional[str], typer.Option(help="timm architecture: a ViT for distillation (vit_small_patch16_224, vit_convstem_tiny_patch4_32, ...), any timm model for supervised.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs; the LR and other schedules span them.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (schedules still span --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size, split over ranks.")] = None,
+    grad_accum_steps: Annotated[Optional[int], typer.Option(help="Gradient accumulation: each step averages the gradients of K micro-batches of batch-size / K (per rank), for a batch that does not fit in memory.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Base learning rate (at batch 256 when lr_scaling is linear).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed: a CPU run repeats bit for bit.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (0: in the training process).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a checkpoint every N steps (and always at the end).")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard", help="Also log every metrics.jsonl record as TensorBoard scalars in OUT/tensorboard (needs the tensorboard extra).")] = None,
     cache: Annotated[Optional[list[str]], typer.Option(help="Teacher-feature store from cache-teachers; repeat to join stores of other teachers built on the same data and views (one store per teacher, combined here).")] = None,
     cache_teacher: Annotated[Optional[list[str]], typer.Option(help="Train from only this teacher of the --cache store (repeat; default: all).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option(help="Run this teacher online instead of reading a cache (repeat).")] = None,
@@ -210,7 +221,8 @@ def train(
         origin = f"{method}: starting from {config or 'the generic defaults (--recipe none)'}; the command line wins"
 
     values = {"method": method, "data": data, "out": out, "student": student, "epochs": epochs, "max_steps": max_steps,
-              "batch_size": batch_size, "lr": lr, "seed": seed, "workers": workers, "checkpoint_every": checkpoint_every,
+              "batch_size": batch_size, "grad_accum_steps": grad_accum_steps, "lr": lr, "seed": seed, "workers": workers,
+              "checkpoint_every": checkpoint_every, "tensorboard": tensorboard,
               "cache": (cache[0] if len(cache) == 1 else cache) if cache else None,
               "cache_teachers": cache_teacher or None, "teachers": teacher or None, "stats_from": stats_from, "init": init}
     summary = run(values, config, resume=resume, device=device, overrides=tuple(set_ or ()), origin=origin)

@@ -151,6 +151,13 @@ def test_a_store_with_other_settings_is_refused(synth_dir, teacher_specs, cache_
     with pytest.raises(CacheError, match=r"teachers: store has 2 \(teacher_a, teacher_b\), this run has 1"):
         cache_teachers(str(synth_dir / "train"), str(cache_dir), CacheConfig(tuple(teacher_specs[:1]), views=2, workers=0),
                        show_progress=False)
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+
+    added = CliRunner().invoke(app, ["cache-teachers", "--data", str(synth_dir / "train"), "--out", str(cache_dir),
+                                     "--teacher", teacher_specs[0], "--add", "--views", "3"])
+    assert "--add takes the views and storage of" in str(added.exception) and "views is 2, not 3" in str(added.exception)
     with pytest.raises(CacheError, match="jitter_p"):
         cache_teachers(str(synth_dir / "train"), str(cache_dir),
                        CacheConfig(tuple(teacher_specs), views=2, view_config=ViewConfig(jitter_p=0), workers=0),

@@ -2,11 +2,12 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.cache.store import CacheError
+from distillery.cache.store import CacheError, CacheStore
 from distillery.errors import DistilleryError
 from distillery.models.teachers import Tokens
 from distillery.train.config import TrainConfig
@@ -202,7 +203,7 @@ def test_every_registered_method_takes_a_training_step(tiny_synth, tiny_cache, t
     trainer = Trainer(_config(tiny_synth, tmp_path / method, method, max_steps=1, **teachers), DistInfo())
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     losses = trainer.train_step(next(iter(trainer.loader)), 0)
-    assert torch.isfinite(losses["loss"]) and losses["loss"].requires_grad
+    assert torch.isfinite(losses["loss"])  # and its gradients moved the student:
     changed = [k for k, v in trainer.student.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) > len(before) // 2, f"{method}: the step moved only {changed}"
 
@@ -336,6 +337,68 @@ def test_two_single_teacher_stores_train_as_one_two_teacher_store(tiny_synth, ti
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+def test_a_teacher_added_to_a_store_leaves_its_arrays_alone_and_trains_as_one_store(tiny_synth, tiny_cache,
+                                                                                    single_teacher_stores, teacher_specs,
+                                                                                    tmp_path):
+    import hashlib
+    import shutil
+
+    from distillery.cache.writer import CacheConfig, addition_config, cache_teachers
+
+    store_url = tmp_path / "a_then_b.zarr"
+    shutil.copytree(single_teacher_stores[0], store_url)
+    files = lambda: {p.relative_to(store_url).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                     for p in store_url.rglob("*") if p.is_file()}
+    before = files()
+    with pytest.raises(CacheError, match=r"cannot take these teachers: .*views.count: store has 2, this run has 3"):
+        cache_teachers(str(tiny_synth / "train"), str(store_url), CacheConfig((teacher_specs[1],), views=3, workers=0),
+                       add=True, show_progress=False)
+    assert files() == before  # refused before anything was created
+    config = addition_config(str(store_url), (teacher_specs[1],), workers=0)
+    assert (config.views, config.seed, config.dtype) == (2, 0, "float16")
+    summary = cache_teachers(str(tiny_synth / "train"), str(store_url), config, add=True, show_progress=False)
+    assert summary["complete"] and summary["shards_written"] == 2
+    after = files()
+    assert {name: after[name] for name in before if name != "manifest.json"} == \
+        {name: digest for name, digest in before.items() if name != "manifest.json"}  # old arrays byte-identical
+    store, both = CacheStore.open(str(store_url)), CacheStore.open(str(tiny_cache))
+    assert [t.name for t in store.teachers] == ["teacher_a", "teacher_b"] and not store.adding
+    for shard in range(both.num_shards):
+        ours, theirs = store.read_block(shard, view=None), both.read_block(shard, view=None)
+        for key in theirs:
+            assert np.array_equal(np.asarray(ours[key]), np.asarray(theirs[key])), key
+    again = cache_teachers(str(tiny_synth / "train"), str(store_url), config, add=True, show_progress=False)
+    assert again["shards_written"] == 0 and files() == after  # a finished addition is resumed as done
+
+    added, whole = (Trainer(_config(tiny_synth, tmp_path / name, "unic", cache=cache), DistInfo())
+                    for name, cache in (("added", str(store_url)), ("whole", str(tiny_cache))))
+    batches = [next(iter(t.loader)) for t in (added, whole)]
+    losses = [t.train_step(b, 0)["loss"].item() for t, b in zip((added, whole), batches)]
+    assert losses[0] == losses[1]
+
+
+def test_a_store_being_added_to_is_read_with_its_own_teachers_only(tiny_synth, single_teacher_stores, teacher_specs,
+                                                                  tmp_path):
+    import shutil
+
+    from distillery.cache.writer import addition_config, build_identity
+    from distillery.data.shards import ShardSet
+    from distillery.models.teachers import create_teacher
+
+    store_url = tmp_path / "adding.zarr"
+    shutil.copytree(single_teacher_stores[0], store_url)
+    config = addition_config(str(store_url), (teacher_specs[1],), workers=0)
+    identity = build_identity(ShardSet.open(tiny_synth / "train"), [create_teacher(teacher_specs[1])], config, "float32")
+    CacheStore.open(str(store_url), writable=True).begin_addition(identity["teachers"])  # as a run that was stopped
+    store = CacheStore.open(str(store_url))
+    assert store.is_complete and [t.name for t in store.teachers] == ["teacher_a"]
+    assert [t.name for t in store.adding] == ["teacher_b"]
+    assert store.read_block(0).keys() == {"keys", "valid", "views", "teacher_a/cls", "teacher_a/patch"}
+    with pytest.raises(CacheError, match=r"is taking other teachers already \(teacher_b\)"):
+        other = {**identity["teachers"][0], "name": "teacher_c"}
+        CacheStore.open(str(store_url), writable=True).begin_addition([other])
+
+
 def test_stores_combine_only_under_the_same_views_and_distinct_teachers(tiny_synth, tiny_cache, single_teacher_stores,
                                                                         teacher_specs, tmp_path):
     from distillery.cache.writer import CacheConfig, cache_teachers
@@ -360,7 +423,6 @@ def test_training_from_a_brace_pattern_of_the_shards_is_training_from_their_dire
 
 def test_teachers_rank_across_stores_reads_their_stored_cls(tiny_cache, single_teacher_stores, tmp_path):
     """CKA of teachers cached apart equals CKA of the same teachers cached together, from the stored CLS."""
-    from distillery.cache.store import CacheStore
     from distillery.evaluate.cka import linear_cka
     from distillery.evaluate.features import Extraction
     from distillery.evaluate.suite import run_cka

@@ -1,5 +1,6 @@
-"""A store on S3: written to and read from a local S3 server (moto, bound to 127.0.0.1, started and stopped
-here), bit-identical to the same store on disk, and training from it takes the same steps."""
+"""Shards and a store on S3: a local S3 server (moto, bound to 127.0.0.1, started and stopped here) holds the
+shards, the store is cached from them bit-identical to the same store on disk, and training from both takes
+the same steps."""
 
 from __future__ import annotations
 
@@ -37,15 +38,24 @@ def s3_server():
     server.stop()
 
 
-def test_a_store_on_s3_round_trips_bit_identically_and_trains_the_same(s3_server, tiny_synth, tiny_cache, teacher_specs,
-                                                                       tmp_path):
+def test_shards_and_a_store_on_s3_round_trip_bit_identically_and_train_the_same(s3_server, tiny_synth, tiny_cache,
+                                                                                teacher_specs, tmp_path):
+    import fsspec
+
     from distillery.cache.store import CacheStore
     from distillery.cache.writer import CacheConfig, cache_teachers
+    from distillery.data.shards import ShardSet
     from distillery.train.loop import train
 
+    data = f"{s3_server}/shards/train"
+    fsspec.filesystem("s3").put(f"{tiny_synth / 'train'}/", data, recursive=True)
+    remote_data, local_data = ShardSet.open(data), ShardSet.open(tiny_synth / "train")
+    assert remote_data.fingerprint() == local_data.fingerprint() and remote_data.classes == local_data.classes
+    assert [r.image_bytes for r in remote_data.records(1)] == [r.image_bytes for r in local_data.records(1)]
+
     url = f"{s3_server}/store.zarr"
-    cache_teachers(str(tiny_synth / "train"), url, CacheConfig(tuple(teacher_specs), views=2, workers=0),
-                   show_progress=False)  # as tiny_cache was written, on disk
+    cache_teachers(data, url, CacheConfig(tuple(teacher_specs), views=2, workers=0),
+                   show_progress=False)  # as tiny_cache was written, from the shards on disk
     remote, local = CacheStore.open(url), CacheStore.open(str(tiny_cache))
     assert remote.is_complete and remote.identity == local.identity
     for shard in range(local.num_shards):
@@ -53,9 +63,9 @@ def test_a_store_on_s3_round_trips_bit_identically_and_trains_the_same(s3_server
             assert np.array_equal(np.asarray(remote.read_block(shard, view=None, decoded=False)[name]), np.asarray(values)), name
 
     losses = {}
-    for name, store in (("s3", url), ("disk", str(tiny_cache))):
+    for name, shards, store in (("s3", data, url), ("disk", str(tiny_synth / "train"), str(tiny_cache))):
         run = tmp_path / name
-        train({"method": "unic", "data": str(tiny_synth / "train"), "out": str(run), "cache": store, "max_steps": 3,
+        train({"method": "unic", "data": shards, "out": str(run), "cache": store, "max_steps": 3,
                "epochs": 1, "batch_size": 16, "workers": 0, "log_every": 1, "warmup_epochs": 0, "student_args": TINY_STUDENT,
                "unic": {"mlp_hidden_dim": 64}})
         losses[name] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -167,3 +167,18 @@ def test_a_brace_pattern_and_a_single_tar_load_the_same_samples_as_the_directory
     assert ShardSet.open(str(unindexed / pattern.rsplit("/", 1)[1])).fingerprint() == whole.fingerprint()
     with pytest.raises(ShardError, match=r"train-000099.tar: no such shard \(1 of the 2"):
         ShardSet.open(str(synth_dir / "train" / "train-{000000,000099}.tar"))
+
+
+def test_pipe_commands_load_the_same_samples_as_the_directory(synth_dir):
+    whole = ShardSet.open(synth_dir / "train")
+    last = len(whole) - 1
+    piped = ShardSet.open(f"pipe:cat {synth_dir / 'train'}/train-{{000000..{last:06d}}}.tar")
+    assert piped.fingerprint() == whole.fingerprint()  # counted by one pass through the pipes
+    assert [r.key for r in piped.records(1)] == [r.key for r in whole.records(1)]
+    assert [r.image_bytes for r in piped.records(2)] == [r.image_bytes for r in whole.records(2)]
+    with pytest.raises(ShardError, match="must name the .tar it reads"):
+        ShardSet.open("pipe:cat /dev/null")
+    one = ShardSet.open(f"pipe:cat {synth_dir / 'train'}/train-000000.tar")
+    broken = ShardSet("", one.shards, (f"pipe:cat {synth_dir}/no-such/train-000000.tar",))  # a command that fails
+    with pytest.raises(ShardError, match="no-such/train-000000.tar"):
+        list(broken.records(0))

@@ -287,3 +287,45 @@ def test_a_method_starts_from_its_recipe_by_name(tmp_path):
     assert recipe_path("unic", "none") is None and recipe_path("dino", None) is None  # no paper recipe: defaults
     with pytest.raises(DistilleryError, match=r"--recipe paper: dino has no paper recipe; its recipes: none, synth"):
         recipe_path("dino", "paper")
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch_and_resumes_exactly(tiny_synth, tmp_path):
+    """Supervised cross-entropy is a mean over samples, so two micro-batches of 16 give the gradient one batch of
+    32 gives (the same samples, in the same order, with one data stream)."""
+    whole, accumulated = (Trainer(_config(tiny_synth, tmp_path / f"k{k}", "supervised", grad_accum_steps=k), DistInfo())
+                          for k in (1, 2))
+    batch = next(iter(whole.loader))
+    stream = iter(accumulated.loader)
+    micro_batches = [next(stream), next(stream)]
+    assert torch.equal(torch.cat([m["student"] for m in micro_batches]), batch["student"])
+    losses = whole.train_step(batch, 0), accumulated.train_step(micro_batches, 0)
+    assert losses[1]["loss"].item() == pytest.approx(losses[0]["loss"].item(), rel=1e-6)
+    for (name, p), q in zip(whole.module.named_parameters(), accumulated.module.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+
+    # with two data streams a step's micro-batches come from both; a resume takes them up where they were
+    common = dict(grad_accum_steps=2, workers=2, checkpoint_every=3, batch_size=16)
+    Trainer(_config(tiny_synth, tmp_path / "whole", "supervised", max_steps=6, **common), DistInfo()).fit()
+    Trainer(_config(tiny_synth, tmp_path / "part", "supervised", max_steps=3, **common), DistInfo()).fit()
+    Trainer(_config(tiny_synth, tmp_path / "part", "supervised", max_steps=6, **common), DistInfo(), resume=True).fit()
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+    with pytest.raises(DistilleryError, match="grad_accum_steps must be at least 1 and divide batch_size 32, got 3"):
+        _config(tiny_synth, tmp_path / "x", "supervised", grad_accum_steps=3)
+
+
+def test_tensorboard_holds_the_logged_records_also_when_turned_on_at_a_resume(tiny_synth, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _write_yaml(tmp_path / "c.yaml", {"method": "supervised", "student_args": TINY_STUDENT, "epochs": 1,
+                                              "batch_size": 8, "workers": 0, "log_every": 1, "warmup_epochs": 0,
+                                              "supervised": TINY_SUPERVISED})
+    run = tmp_path / "run"
+    train({"data": str(tiny_synth / "train"), "out": str(run), "max_steps": 2}, config)
+    assert not (run / "tensorboard").exists()
+    train({"out": str(run), "max_steps": 4, "tensorboard": True}, resume=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in logged]
+    assert len(logged) == 4 and "train/lr" in events.Tags()["scalars"]

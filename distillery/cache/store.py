@@ -11,6 +11,13 @@ slots of its block are padding with valid=0, so shards of any size keep whole-bl
     teachers/<name>/patch [R, V, T, D]     one zarr shard per (image shard, view): a block is one read
     teachers/<name>/patch_scale [R, V, T]
     teachers/<name>/moments/{cls,patch} [n_shards, 3, D] float64   per-shard (count, mean, M2)
+    teachers/<name>/valid [R] uint8        teachers added to a finished store only: their own valid rows
+    shards/teachers/<name>/<j:06d>.json    an added teacher's record of image shard j
+
+A finished store takes more teachers (`cache-teachers --add`) under its own views and storage: their
+arrays are created beside the others, the manifest lists them under `adding` until every shard of theirs
+is written, and only then among the store's teachers. The arrays already there are never written again,
+and readers of the store see its old teachers throughout.
 
 Features are stored uncompressed: float16 activations compress by about 8% with zstd
 (references/environment.md), not worth the CPU that training workers would spend decompressing.
@@ -206,6 +213,34 @@ class TeacherStats:
     patch_std: torch.Tensor | None
 
 
+def _create_teacher_arrays(group: zarr.Group, identity: dict, teacher: dict, own_valid: bool) -> None:
+    storage, slots = identity["storage"], identity["storage"]["slots"]
+    num_shards, views = len(identity["dataset"]["counts"]), identity["views"]["count"]
+    rows = slots * num_shards
+    value_dtype = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}[storage["dtype"]]
+    node = group.create_group(f"teachers/{teacher['name']}")
+    dim = teacher["dim"]
+    tokens = teacher["stored_grid"][0] * teacher["stored_grid"][1]
+    # CLS blocks are small: one chunk per image shard. Patch blocks get one zarr shard per (image shard,
+    # view), cut into inner chunks of a few rows: per-chunk overhead makes 1-row chunks write at half the
+    # speed (BENCHMARKS.md), while a few rows still keep single-row reads cheap.
+    inner = inner_chunk_rows(slots)
+    shapes = {"cls": ((rows, views, dim), None, (slots, views, dim))}
+    if not storage["cls_only"]:
+        shapes["patch"] = ((rows, views, tokens, dim), (slots, 1, tokens, dim), (inner, 1, tokens, dim))
+    for part, (shape, shard, chunk) in shapes.items():
+        node.create_array(part, shape=shape, dtype=value_dtype, shards=shard, chunks=chunk, compressors=None,
+                          fill_value=0, attributes={"encoding": storage["dtype"]})
+        if storage["dtype"] == "int8":
+            node.create_array(f"{part}_scale", shape=shape[:-1], dtype="float16",
+                              shards=None if shard is None else shard[:-1], chunks=chunk[:-1],
+                              compressors=None, fill_value=0)
+        node.create_array(f"moments/{part}", shape=(num_shards, 3, dim), dtype="float64", chunks=(1, 3, dim),
+                          fill_value=0)
+    if own_valid:
+        node.create_array("valid", shape=(rows,), dtype="uint8", chunks=(slots,), fill_value=0)
+
+
 class CacheStore:
     """A cache of teacher features. Open with `CacheStore.open(url)`; the writer creates it with `create`."""
 
@@ -223,6 +258,8 @@ class CacheStore:
         self.counts: list[int] = self.identity["dataset"]["counts"]
         self.shard_names: list[str] = self.identity["dataset"]["shards"]
         self.teachers = [TeacherLayout.from_dict(t) for t in self.identity["teachers"]]
+        self.adding = [TeacherLayout.from_dict(t) for t in manifest.get("adding", [])]  # not yet readable
+        self.own_valid: set[str] = set(manifest.get("own_valid", []))  # added teachers, with their own valid rows
         self._offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     # -- creation and opening
@@ -239,36 +276,47 @@ class CacheStore:
     @classmethod
     def create(cls, url: str, identity: dict) -> CacheStore:
         """Create every array, then write the manifest last: a store with a manifest is a usable one."""
-        storage, slots = identity["storage"], identity["storage"]["slots"]
+        slots = identity["storage"]["slots"]
         rows, views = slots * len(identity["dataset"]["counts"]), identity["views"]["count"]
         group = zarr.open_group(zarr_location(url), mode="w")
         group.create_array("keys", shape=(rows,), dtype=str, chunks=(slots,))
         group.create_array("valid", shape=(rows,), dtype="uint8", chunks=(slots,), fill_value=0)
         group.create_array("views", shape=(rows, views, NUM_PARAMS), dtype="float32", chunks=(slots, views, NUM_PARAMS))
-        value_dtype = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}[storage["dtype"]]
         for teacher in identity["teachers"]:
-            node = group.create_group(f"teachers/{teacher['name']}")
-            dim = teacher["dim"]
-            tokens = teacher["stored_grid"][0] * teacher["stored_grid"][1]
-            # CLS blocks are small: one chunk per image shard. Patch blocks get one zarr shard per (image
-            # shard, view), cut into inner chunks of a few rows: per-chunk overhead makes 1-row chunks write
-            # at half the speed (BENCHMARKS.md), while a few rows still keep single-row reads cheap.
-            inner = inner_chunk_rows(slots)
-            shapes = {"cls": ((rows, views, dim), None, (slots, views, dim))}
-            if not storage["cls_only"]:
-                shapes["patch"] = ((rows, views, tokens, dim), (slots, 1, tokens, dim), (inner, 1, tokens, dim))
-            for part, (shape, shard, chunk) in shapes.items():
-                node.create_array(part, shape=shape, dtype=value_dtype, shards=shard, chunks=chunk, compressors=None,
-                                  fill_value=0, attributes={"encoding": storage["dtype"]})
-                if storage["dtype"] == "int8":
-                    node.create_array(f"{part}_scale", shape=shape[:-1], dtype="float16",
-                                      shards=None if shard is None else shard[:-1], chunks=chunk[:-1],
-                                      compressors=None, fill_value=0)
-                node.create_array(f"moments/{part}", shape=(len(identity["dataset"]["counts"]), 3, dim),
-                                  dtype="float64", chunks=(1, 3, dim), fill_value=0)
+            _create_teacher_arrays(group, identity, teacher, own_valid=False)
         manifest = {"format": FORMAT, "identity": identity, "completion": None}
         SideFiles(url).write(MANIFEST, manifest)
         return cls(url, manifest, writable=True)
+
+    def begin_addition(self, teachers: list[dict]) -> None:
+        """Make room for `teachers` (identity entries) beside the store's own: their arrays, then the manifest
+        listing them as `adding`. Resuming the same addition, or one already finished, changes nothing."""
+        names = [t["name"] for t in teachers]
+        held = {t.name: t for t in self.teachers}
+        if all(name in held for name in names):
+            stale = [name for name, t in zip(names, teachers) if held[name].fingerprint != t["fingerprint"]]
+            if stale:
+                raise CacheError(f"{self.url} already holds a teacher {stale[0]} with other weights or preprocessing; "
+                                 "give the new one another name (its local-dir's name)")
+            return
+        clashes = [name for name in names if name in held]
+        if clashes:
+            raise CacheError(f"{self.url} already holds teacher {clashes[0]}; add only teachers it does not hold")
+        if not self.is_complete:
+            raise CacheError(f"{self.url} is incomplete ({len(self.completed_shards())}/{self.num_shards} shards); "
+                             "finish it (re-run its cache-teachers) before adding a teacher")
+        if self.adding:
+            differences = identity_differences(self.manifest["adding"], teachers, "adding")
+            if differences:
+                raise CacheError(f"{self.url} is taking other teachers already "
+                                 f"({', '.join(t.name for t in self.adding)}); finish that addition first "
+                                 f"(re-run it with --add), then add these")
+            return
+        for teacher in teachers:
+            _create_teacher_arrays(self.group, self.identity, teacher, own_valid=True)
+        self.manifest = {**self.manifest, "adding": teachers}
+        self.files.write(MANIFEST, self.manifest)
+        self.adding = [TeacherLayout.from_dict(t) for t in teachers]
 
     # -- geometry
 
@@ -291,32 +339,52 @@ class CacheStore:
         return shard * self.slots + (index - self._offsets[shard])
 
     def teacher(self, name: str) -> TeacherLayout:
-        for t in self.teachers:
+        for t in self.teachers + self.adding:
             if t.name == name:
                 return t
         raise CacheError(f"{self.url}: no teacher {name!r}; it has {', '.join(t.name for t in self.teachers)}")
 
     # -- completion
 
-    def completed_shards(self) -> set[int]:
-        return {int(name.split(".")[0]) for name in self.files.list(RECORDS) if name.endswith(".json")}
+    def completed_shards(self, teacher: str | None = None) -> set[int]:
+        """The image shards written: of the store's own teachers, or of one added teacher."""
+        return {int(name.split(".")[0]) for name in self.files.list(self._records(teacher)) if name.endswith(".json")}
 
-    def shard_record(self, shard_id: int) -> dict | None:
-        return self.files.read(f"{RECORDS}/{shard_id:06d}.json")
+    def _records(self, teacher: str | None) -> str:
+        return f"{RECORDS}/teachers/{teacher}" if teacher in self.own_valid | {t.name for t in self.adding} else RECORDS
+
+    def shard_record(self, shard_id: int, teacher: str | None = None) -> dict | None:
+        return self.files.read(f"{self._records(teacher)}/{shard_id:06d}.json")
 
     @property
     def is_complete(self) -> bool:
         return self.manifest.get("completion") is not None
 
     def finalize(self) -> bool:
-        """Record completion in the manifest once every shard is done; True if the store is complete.
+        """Record completion in the manifest once every shard is done (of an addition too: its teachers then
+        join the store's); True if the store is complete.
 
         Deterministic content, so two writers finishing together write the same bytes.
         """
         if len(self.completed_shards()) < self.num_shards:
             return False
-        invalid = [entry for shard_id in range(self.num_shards) for entry in self.shard_record(shard_id)["invalid"]]
-        completion = {"num_valid": self.num_samples - len(invalid), "num_invalid": len(invalid), "invalid": invalid,
+        if self.adding:
+            if any(len(self.completed_shards(t.name)) < self.num_shards for t in self.adding):
+                return False
+            added = self.manifest["adding"]
+            identity = {**self.identity, "teachers": self.identity["teachers"] + added}
+            manifest = {key: value for key, value in self.manifest.items() if key != "adding"}
+            self.manifest = {**manifest, "identity": identity,
+                             "own_valid": sorted(self.own_valid | {t["name"] for t in added})}
+            self.identity, self.own_valid = identity, set(self.manifest["own_valid"])
+            self.teachers, self.adding = self.teachers + self.adding, []
+        invalid: dict[int, dict] = {}
+        for teacher in [None, *sorted(self.own_valid)]:
+            for shard_id in range(self.num_shards):
+                for entry in self.shard_record(shard_id, teacher)["invalid"]:
+                    invalid.setdefault(entry["index"], entry)
+        entries = [invalid[index] for index in sorted(invalid)]
+        completion = {"num_valid": self.num_samples - len(entries), "num_invalid": len(entries), "invalid": entries,
                       "stats": {t.name: self._stats_summary(t) for t in self.teachers}}
         self.manifest = {**self.manifest, "completion": completion}
         self.files.write(MANIFEST, self.manifest)
@@ -331,15 +399,18 @@ class CacheStore:
 
     # -- writing (one writer per image shard)
 
-    def write_shard(self, shard_id: int, arrays: dict[str, np.ndarray], record: dict) -> None:
-        """Write a shard's whole slot block of every array, then its completion record."""
+    def write_shard(self, shard_id: int, arrays: dict[str, np.ndarray], record: dict,
+                    teachers: list[str] | None = None) -> None:
+        """Write a shard's whole slot block of every array, then its completion record (one per added teacher
+        when `teachers` names an addition)."""
         block = slice(shard_id * self.slots, (shard_id + 1) * self.slots)
         for name, values in arrays.items():
             if "/moments/" in name:
                 self.group[name][shard_id] = values
             else:
                 self.group[name][block] = values
-        self.files.write(f"{RECORDS}/{shard_id:06d}.json", record)
+        for teacher in teachers or [None]:
+            self.files.write(f"{self._records(teacher)}/{shard_id:06d}.json", record)
 
     # -- reading
 
@@ -356,9 +427,10 @@ class CacheStore:
         later in a batch."""
         rows = self.rows(shard_id)
         views = slice(None) if view is None else slice(view, view + 1)
-        out: dict[str, Any] = {"keys": self.group["keys"][rows], "valid": self.group["valid"][rows],
+        teachers = teachers or [t.name for t in self.teachers]
+        out: dict[str, Any] = {"keys": self.group["keys"][rows], "valid": self._valid(rows, teachers),
                                "views": self.group["views"][rows]}
-        for name in teachers or [t.name for t in self.teachers]:
+        for name in teachers:
             for part in parts:
                 if part == "patch" and self.cls_only:
                     raise CacheError(f"{self.url}: a --cls-only cache has no patch tokens")
@@ -378,8 +450,9 @@ class CacheStore:
         """Features of arbitrary (sample, view) pairs, decoded to float32; for tools and spot checks.
         Training reads whole blocks with `read_block`."""
         rows = self.row_of(np.asarray(global_indices))
+        names = [t.name for t in self.teachers]
         out: dict[str, Any] = {"keys": [self.group["keys"][int(r)] for r in rows],
-                               "valid": np.array([self.group["valid"][int(r)] for r in rows]),
+                               "valid": np.array([self._valid(slice(int(r), int(r) + 1), names)[0] for r in rows]),
                                "views": np.stack([self.group["views"][int(r), v] for r, v in zip(rows, views, strict=True)])}
         for teacher in self.teachers:
             for part in parts:
@@ -394,12 +467,21 @@ class CacheStore:
                 out[f"{teacher.name}/{part}"] = decode(values, scale, self.dtype)
         return out
 
+    def _valid(self, rows: slice, teachers: list[str]) -> np.ndarray:
+        """Rows valid for these teachers: decoded and finite when the store was built, and finite for each
+        added teacher among them."""
+        valid = self.group["valid"][rows]
+        for name in teachers:
+            if name in self.own_valid:
+                valid = valid & self.group[f"teachers/{name}/valid"][rows]
+        return valid
+
     def moments(self, name: str, part: str) -> Moments:
         """Merged over every shard written so far, in shard order (deterministic)."""
         layout = self.teacher(name)
         partial = self.group[f"teachers/{name}/moments/{part}"][:]
         total = Moments.empty(layout.dim)
-        for shard_id in sorted(self.completed_shards()):
+        for shard_id in sorted(self.completed_shards(name)):
             total = total.merge(Moments.from_array(partial[shard_id]))
         return total
 

@@ -43,6 +43,8 @@ def describe_store(store: CacheStore) -> dict[str, Any]:
         "size on disk": f"{store.files.size() / 2**20:,.1f} MiB",
         "shards complete": f"{len(done)}/{store.num_shards}",
         "invalid rows": store.manifest["completion"]["num_invalid"] if store.is_complete else "(incomplete)",
+        **({"being added": [f"{t.name} ({len(store.completed_shards(t.name))}/{store.num_shards} shards)"
+                            for t in store.adding]} if store.adding else {}),
     }
 
 

@@ -124,10 +124,12 @@ def view_image(record, shard_id: int, position: int, config: CacheConfig, sizes:
 # ------------------------------------------------------------------------------ one shard's buffers (main process)
 
 class ShardBuffer:
-    """Everything one image shard will write, filled batch by batch, written in one go."""
+    """Everything one image shard will write, filled batch by batch, written in one go: every array of a
+    new store, or only the added teachers' (`adding`) of a finished one."""
 
-    def __init__(self, store: CacheStore, shard_id: int, config: CacheConfig):
-        self.store, self.shard_id, self.config = store, shard_id, config
+    def __init__(self, store: CacheStore, shard_id: int, config: CacheConfig, adding: bool = False):
+        self.store, self.shard_id, self.config, self.adding = store, shard_id, config, adding
+        self.layouts = store.adding if adding else store.teachers
         self.count = store.counts[shard_id]
         slots, views = store.slots, config.views
         self.keys = np.full(slots, "", dtype=object)
@@ -135,13 +137,13 @@ class ShardBuffer:
         self.views = np.zeros((slots, views, NUM_PARAMS), np.float32)
         self.features: dict[str, np.ndarray] = {}
         value_dtype = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}[config.dtype]
-        for t in store.teachers:
+        for t in self.layouts:
             parts = {"cls": (t.dim,)} if config.cls_only else {"cls": (t.dim,), "patch": (t.num_patches, t.dim)}
             for part, tail in parts.items():
                 self.features[f"teachers/{t.name}/{part}"] = np.zeros((slots, views, *tail), value_dtype)
                 if config.dtype == "int8":
                     self.features[f"teachers/{t.name}/{part}_scale"] = np.zeros((slots, views, *tail[:-1]), np.float16)
-        self.moments = {(t.name, part): Moments.empty(t.dim) for t in store.teachers
+        self.moments = {(t.name, part): Moments.empty(t.dim) for t in self.layouts
                         for part in (("cls",) if config.cls_only else ("cls", "patch"))}
         self.pending: list[ViewedImage] = []
         self.received = 0
@@ -201,13 +203,29 @@ class ShardBuffer:
         self.valid[positions[finite.numpy()]] = 1
 
     def flush(self) -> None:
-        arrays: dict[str, np.ndarray] = {"keys": self.keys.astype(str), "valid": self.valid, "views": self.views,
-                                         **self.features}
+        arrays: dict[str, np.ndarray] = dict(self.features)
+        if self.adding:
+            self._check_against_store()
+            arrays.update({f"teachers/{t.name}/valid": self.valid for t in self.layouts})
+        else:
+            arrays.update({"keys": self.keys.astype(str), "valid": self.valid, "views": self.views})
         for (name, part), moments in self.moments.items():
             arrays[f"teachers/{name}/moments/{part}"] = moments.to_array()
         record = {"shard": self.store.shard_names[self.shard_id], "count": self.count,
                   "num_valid": int(self.valid.sum()), "invalid": sorted(self.invalid, key=lambda e: e["index"])}
-        self.store.write_shard(self.shard_id, arrays, record)
+        self.store.write_shard(self.shard_id, arrays, record,
+                               teachers=[t.name for t in self.layouts] if self.adding else None)
+
+    def _check_against_store(self) -> None:
+        """An added teacher's rows must be the store's: the same keys, and views drawn with the same parameters."""
+        rows = self.store.rows(self.shard_id)
+        stored_keys = self.store.group["keys"][rows]
+        if list(stored_keys) != list(self.keys[: self.count]):
+            raise CacheError(f"{self.store.url}: image shard {self.store.shard_names[self.shard_id]} holds other keys "
+                             "than the store's; its data changed since the store was built")
+        if not np.array_equal(self.store.group["views"][rows], self.views[: self.count]):
+            raise CacheError(f"{self.store.url}: the views of image shard {self.store.shard_names[self.shard_id]} "
+                             "differ from the store's; the images changed since the store was built")
 
 
 # ------------------------------------------------------------------------------ the command
@@ -230,22 +248,62 @@ def _open_or_create(url: str, identity: dict, overwrite: bool, rank: int, world_
         barrier()
     elif overwrite:
         raise CacheError("--overwrite with several writers needs torchrun (a rendezvous); run it once alone first")
-    deadline = time.monotonic() + MANIFEST_WAIT_SECONDS
-    while files.read(MANIFEST) is None:  # plain processes: wait for rank 0 to create the store
-        if time.monotonic() > deadline:
-            raise CacheError(f"{url}: rank 0 did not create the store within {MANIFEST_WAIT_SECONDS} s")
-        time.sleep(0.5)
+    _wait_for_manifest(url)
     store = CacheStore.open(url, writable=True)
     _check_identity(url, store.identity, identity)
     return store
 
 
-def _check_identity(url: str, stored: dict, wanted: dict) -> None:
+def _check_identity(url: str, stored: dict, wanted: dict,
+                    refusal: str = "was built with other settings; refusing to extend it (use --overwrite to rebuild, "
+                                   "or another --out)") -> None:
     differences = identity_differences(stored, wanted)
     if differences:
-        raise CacheError(f"{url} was built with other settings; refusing to extend it (use --overwrite to rebuild, "
-                         f"or another --out). Differences: " + "; ".join(differences[:6])
+        raise CacheError(f"{url} {refusal}. Differences: " + "; ".join(differences[:6])
                          + (f"; and {len(differences) - 6} more" if len(differences) > 6 else ""))
+
+
+def _open_for_addition(url: str, identity: dict, rank: int, barrier) -> CacheStore:
+    """The finished store at `url`, taking `identity`'s teachers beside its own: the same data, views and
+    storage, checked before anything is created (rank 0 creates the arrays; the others wait for it)."""
+    names = {t["name"] for t in identity["teachers"]}
+
+    def opened() -> CacheStore:
+        store = CacheStore.open(url, writable=True)
+        _check_identity(url, {**store.identity, "teachers": identity["teachers"]}, identity,
+                        "cannot take these teachers: they would see other data, views or storage")
+        return store
+
+    if rank == 0:
+        store = opened()
+        store.begin_addition(identity["teachers"])
+        if barrier:
+            barrier()
+        return store
+    if barrier:
+        barrier()
+    else:
+        _wait_for_manifest(url, lambda m: names <= {t["name"] for t in m["identity"]["teachers"] + m.get("adding", [])})
+    return opened()
+
+
+def _wait_for_manifest(url: str, ready=lambda manifest: True) -> None:
+    """Plain processes (no rendezvous): poll until rank 0 has written a manifest that is `ready`."""
+    files, deadline = SideFiles(url), time.monotonic() + MANIFEST_WAIT_SECONDS
+    while (manifest := files.read(MANIFEST)) is None or not ready(manifest):
+        if time.monotonic() > deadline:
+            raise CacheError(f"{url}: rank 0 did not prepare the store within {MANIFEST_WAIT_SECONDS} s")
+        time.sleep(0.5)
+
+
+def addition_config(url: str, teachers: tuple[str, ...], batch_size: int = 32, workers: int = 2) -> CacheConfig:
+    """The config that adds `teachers` to the store at `url`: its own views and storage."""
+    identity = CacheStore.open(url).identity
+    views, storage = identity["views"], identity["storage"]
+    return CacheConfig(teachers, views=views["count"], seed=views["seed"],
+                       view_config=ViewConfig.from_dict(views["config"]), dtype=storage["dtype"],
+                       patch_pool=storage["patch_pool"], cls_only=storage["cls_only"], batch_size=batch_size,
+                       workers=workers)
 
 
 def _distributed_barrier(world_size: int):
@@ -266,9 +324,11 @@ def stage_rates(counts: dict[str, int], seconds: dict[str, float]) -> str:
                       else f"{stage} ..." for stage in seconds)
 
 
-def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = False, rank: int | None = None,
-                   world_size: int | None = None, device: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Build (or resume) the cache of `config.teachers` over the shards in `data`; returns a summary."""
+def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = False, add: bool = False,
+                   rank: int | None = None, world_size: int | None = None, device: str | None = None,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Build (or resume) the cache of `config.teachers` over the shards in `data`, or with `add` add them to
+    the finished store `out` (see `addition_config`); returns a summary."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if device is None:
@@ -280,8 +340,14 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
         raise CacheError(f"two teachers share a name: {[t.name for t in teachers]}; give local-dir paths distinct names")
     precision = "bfloat16-autocast" if device.type == "cuda" else "float32"
     identity = build_identity(shard_set, teachers, config, precision)
-    store = _open_or_create(out, identity, overwrite, rank, world_size, _distributed_barrier(world_size))
-    done = store.completed_shards()
+    if add and overwrite:
+        raise CacheError("--add extends a finished store; it cannot be combined with --overwrite")
+    if add:
+        store = _open_for_addition(out, identity, rank, _distributed_barrier(world_size))
+        done = set.intersection(*(store.completed_shards(t.name) for t in teachers))
+    else:
+        store = _open_or_create(out, identity, overwrite, rank, world_size, _distributed_barrier(world_size))
+        done = store.completed_shards()
     todo = [j for j in shard_set.assigned_shards(rank, world_size) if j not in done]
     sizes = sorted({t.preprocessing.input_size for t in teachers})
     loader = shard_loader(partial(viewed_images, shard_set, todo, config, sizes), config.workers, prefetch_factor=8)
@@ -290,13 +356,15 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
     images = 0
     buffers: dict[int, ShardBuffer] = {}
     for empty in (j for j in todo if shard_set.shards[j].count == 0):
-        ShardBuffer(store, empty, config).flush()
+        ShardBuffer(store, empty, config, adding=add).flush()
     start = time.perf_counter()
     with progress_bar("rates") as progress:
         task = progress.add_task(f"caching (rank {rank}/{world_size})", total=sum(shard_set.shards[j].count for j in todo),
                                  rates="", visible=show_progress)
         for item in loader:
-            buffer = buffers.setdefault(item.shard_id, ShardBuffer(store, item.shard_id, config))
+            if item.shard_id not in buffers:
+                buffers[item.shard_id] = ShardBuffer(store, item.shard_id, config, adding=add)
+            buffer = buffers[item.shard_id]
             buffer.add(item)
             timings["decode"] += item.seconds
             counts["decode"] += 1

@@ -10,6 +10,7 @@ as the source yields them; sources batch themselves where they need to). Each st
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -69,7 +70,21 @@ def shard_loader(source: Source, workers: int, prefetch_factor: int = 4, seed: i
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return ShardLoader(ShardStream(source), batch_size=None, num_workers=workers, collate_fn=_as_is,
                        prefetch_factor=prefetch_factor if workers else None, generator=generator,
-                       pin_memory=pin_memory)
+                       pin_memory=pin_memory, worker_init_fn=_quiet_inherited_sessions if workers else None)
+
+
+class _InheritedSessionFilter(logging.Filter):
+    """A forked worker inherits the parent's fsspec filesystems (s3fs, gcsfs). fsspec builds fresh ones for the
+    new process, and each inherited aiohttp session, which belongs to the parent's event loop and cannot be
+    closed from the child, is reported as 'Unclosed client session' when it is dropped. Only those reports
+    are filtered; every other asyncio error still reaches the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
+
+
+def _quiet_inherited_sessions(worker_id: int) -> None:
+    logging.getLogger("asyncio").addFilter(_InheritedSessionFilter())
 
 
 def _as_is(item: Any) -> Any:

@@ -12,14 +12,19 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
+import fsspec
 import webdataset as wds
+from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
+from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from distillery.errors import DistilleryError
@@ -77,43 +82,104 @@ def decode_image(data: bytes | None, where: str) -> Image.Image:
 
 
 def names_shards(spec: str | os.PathLike) -> bool:
-    """Whether a shard-set argument names shards rather than their directory: one `.tar`, or a brace pattern."""
-    return str(spec).endswith(".tar") or "{" in str(spec)
+    """Whether a shard-set argument names shards rather than their directory: one `.tar`, a brace pattern,
+    or `pipe:` commands."""
+    return str(spec).endswith(".tar") or "{" in str(spec) or str(spec).startswith("pipe:")
 
 
-def _label_files(root: Path) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]]]:
-    """The class names (classes.json) and factor values (factors.json) a shard directory records."""
-    classes = tuple(json.loads((root / CLASSES_FILE).read_text())) if (root / CLASSES_FILE).exists() else None
-    factors = {}
-    if (root / FACTORS_FILE).exists():
-        factors = {str(k): tuple(v) for k, v in json.loads((root / FACTORS_FILE).read_text()).items()}
-    return classes, factors
+def is_url(spec: str | os.PathLike) -> bool:
+    """Whether a location is a URL (fsspec's `s3://`, `gs://`, `https://`, ... or a `pipe:` command) rather
+    than a local path."""
+    return "://" in str(spec) or str(spec).startswith("pipe:")
 
 
-def _scan_shard(path: Path) -> ShardInfo:
-    """Count a shard's samples from its tar headers alone (no image is read)."""
-    keys: list[str] = []
+def join_url(location: str, name: str) -> str:
+    """A file of a shard directory given as a path or a URL."""
+    return f"{location.rstrip('/')}/{name}" if is_url(location) else os.path.join(location, name)
+
+
+def _read_text(url: str) -> str | None:
+    """A small file's text through fsspec (a local path or any URL it knows), or None when there is none."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.cat_file(path).decode() if fs.isfile(path) else None
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A shard's bytes the way webdataset opens them: `pipe:` runs the command and reads its stdout (its
+    exit status is checked at the end), anything else goes through fsspec (a path, `file://`, `s3://`, ...)."""
     try:
-        with tarfile.open(path) as tar:
+        return gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
+    except (OSError, ValueError) as error:
+        raise ShardError(f"{url}: cannot open ({error})") from error
+
+
+def _reason(error: BaseException) -> str:
+    """Why reading a shard failed, in words: webdataset folds a pipe's exit status, or the stream and URL of
+    a tar error, into the exception's arguments."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    exit_status = re.search(r": exit (\d+) \(read\)", text)
+    return f"its command exited with status {exit_status[1]}" if exit_status else text.split(" @ ")[0]
+
+
+def _pipe_name(command: str) -> str:
+    """A `pipe:` shard's name, which the dataset fingerprint records: that of the `.tar` its command reads."""
+    tars = [os.path.basename(word) for word in shlex.split(command[len("pipe:"):]) if word.endswith(".tar")]
+    if not tars:
+        raise ShardError(f"{command}: a pipe: command must name the .tar it reads (its name identifies the shard)")
+    return tars[0]
+
+
+def _label_files(location: str | None) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]]]:
+    """The class names (classes.json) and factor values (factors.json) a shard directory records."""
+    if location is None:
+        return None, {}
+    classes = _read_text(join_url(location, CLASSES_FILE))
+    factors = _read_text(join_url(location, FACTORS_FILE))
+    return (tuple(json.loads(classes)) if classes is not None else None,
+            {str(k): tuple(v) for k, v in json.loads(factors).items()} if factors is not None else {})
+
+
+def _scan_shard(url: str, name: str) -> ShardInfo:
+    """Count a shard's samples from its tar headers (no image is decoded; a pipe is read through once)."""
+    keys: list[str] = []
+    stream = open_shard(url)
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*" if url.startswith("pipe:") else "r:*") as tar:
             for member in tar:
                 if not member.isreg():
                     continue
                 key = member.name.split(".", 1)[0]
                 if not keys or keys[-1] != key:
                     keys.append(key)
-    except tarfile.TarError as error:
-        raise ShardError(f"{path}: not a readable tar file ({error})") from error
-    return ShardInfo(name=path.name, count=len(keys), keys_sha256=keys_sha256(keys))
+    except (tarfile.TarError, OSError) as error:
+        raise ShardError(f"{url}: not a readable tar file ({_reason(error)})") from error
+    return ShardInfo(name=name, count=len(keys), keys_sha256=keys_sha256(keys))
+
+
+def _indexed_shards(location: str) -> tuple[ShardInfo, ...] | None:
+    """The shards a directory's shards.json lists, or None when it has none."""
+    text = _read_text(join_url(location, INDEX_FILE))
+    if text is None:
+        return None
+    index = json.loads(text)
+    if index.get("format") != INDEX_FORMAT:
+        raise ShardError(f"{join_url(location, INDEX_FILE)}: unknown index format {index.get('format')!r}, "
+                         f"expected {INDEX_FORMAT}")
+    return tuple(ShardInfo(s["name"], s["count"], s["keys_sha256"], _size(s.get("min_size")), _size(s.get("max_size")))
+                 for s in index["shards"])
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The shards of one split, in global-index order."""
+    """The shards of one split, in global-index order. `root` is their directory as given (a path or an
+    fsspec URL; "" for `pipe:` commands, which have none) and `urls` how each shard is opened."""
 
-    root: Path
+    root: str
     shards: tuple[ShardInfo, ...]
+    urls: tuple[str, ...]
     classes: tuple[str, ...] | None = None
     factors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # factor -> value names (factors.json)
+    indexed: bool = False  # the counts came from shards.json, not from a pass over the tars
     offsets: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,51 +190,50 @@ class ShardSet:
         object.__setattr__(self, "offsets", tuple(offsets))
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> ShardSet:
-        """A shard directory, or some of its shards the way webdataset names them: one `.tar`, or a brace
-        pattern (`shards/train-{000000..000099}.tar`), in the order given. The directory's shards.json (or
-        one pass over the named tars, when it has none) says what each holds."""
-        if names_shards(root):
-            return cls._open_named(str(root))
-        root = Path(root)
-        if not root.is_dir():
-            raise ShardError(f"{root}: no such shard directory")
-        tars = sorted(p.name for p in root.glob("*.tar"))
+    def open(cls, spec: str | os.PathLike) -> ShardSet:
+        """A shard directory (a path or an fsspec URL: `s3://bucket/train`), or some shards the way webdataset
+        names them: one `.tar`, a brace pattern (`shards/train-{000000..000099}.tar`) or `pipe:` commands
+        (`pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`), in the order given. The directory's
+        shards.json (or one pass over the named tars, when there is none) says what each holds."""
+        spec = str(spec)
+        if names_shards(spec):
+            return cls._open_named(spec)
+        fs, path = fsspec.core.url_to_fs(spec)
+        if not fs.isdir(path):
+            raise ShardError(f"{spec}: no such shard directory")
+        tars = sorted(os.path.basename(p) for p in fs.glob(f"{path.rstrip('/')}/*.tar"))
         if not tars:
-            raise ShardError(f"{root}: no .tar shards here")
-        classes, factors = _label_files(root)
-        index_path = root / INDEX_FILE
-        if not index_path.exists():
-            return cls(root, tuple(_scan_shard(root / name) for name in tars), classes, factors)
-        index = json.loads(index_path.read_text())
-        if index.get("format") != INDEX_FORMAT:
-            raise ShardError(f"{index_path}: unknown index format {index.get('format')!r}, expected {INDEX_FORMAT}")
-        shards = tuple(
-            ShardInfo(s["name"], s["count"], s["keys_sha256"], _size(s.get("min_size")), _size(s.get("max_size")))
-            for s in index["shards"]
-        )
+            raise ShardError(f"{spec}: no .tar shards here")
+        urls = tuple(join_url(spec, name) for name in tars)
+        shards = _indexed_shards(spec)
+        if shards is None:
+            return cls(spec, tuple(_scan_shard(url, name) for url, name in zip(urls, tars)), urls, *_label_files(spec))
         listed = [s.name for s in shards]
         if listed != tars:
             missing = sorted(set(listed) - set(tars))
             extra = sorted(set(tars) - set(listed))
-            raise ShardError(f"{index_path}: index does not match the .tar files (missing: {missing}, not indexed: {extra})")
-        return cls(root, shards, classes, factors)
+            raise ShardError(f"{join_url(spec, INDEX_FILE)}: index does not match the .tar files (missing: {missing}, "
+                             f"not indexed: {extra})")
+        return cls(spec, shards, urls, *_label_files(spec), indexed=True)
 
     @classmethod
     def _open_named(cls, spec: str) -> ShardSet:
-        from braceexpand import braceexpand
-
-        paths = [Path(p) for p in braceexpand(spec)]
-        directories = sorted({str(p.parent) for p in paths})
+        urls = list(braceexpand(spec))
+        if spec.startswith("pipe:"):  # no directory to hold an index or label files: one pass counts them
+            names = [_pipe_name(url) for url in urls]
+            return cls("", tuple(_scan_shard(url, name) for url, name in zip(urls, names)), tuple(urls))
+        directories = sorted({url.rsplit("/", 1)[0] if "/" in url else "." for url in urls})
         if len(directories) > 1:
             raise ShardError(f"{spec}: the shards of one set lie in one directory; these are in {', '.join(directories)}")
-        missing = [p for p in paths if not p.is_file()]
+        fs, _ = fsspec.core.url_to_fs(urls[0])
+        missing = [url for url in urls if not fs.isfile(fsspec.core.url_to_fs(url)[1])]
         if missing:
-            raise ShardError(f"{missing[0]}: no such shard ({len(missing)} of the {len(paths)} that {spec} names are missing)")
-        root = paths[0].parent
-        indexed = {s.name: s for s in cls.open(root).shards} if (root / INDEX_FILE).exists() else {}
-        shards = tuple(indexed.get(p.name) or _scan_shard(p) for p in paths)  # no index: one pass over these
-        return cls(root, shards, *_label_files(root))
+            raise ShardError(f"{missing[0]}: no such shard ({len(missing)} of the {len(urls)} that {spec} names are missing)")
+        root = directories[0]
+        names = [url.rsplit("/", 1)[-1] for url in urls]
+        indexed = {s.name: s for s in _indexed_shards(root) or ()}
+        shards = tuple(indexed.get(name) or _scan_shard(url, name) for url, name in zip(urls, names))
+        return cls(root, shards, tuple(urls), *_label_files(root), indexed=all(name in indexed for name in names))
 
     @property
     def num_samples(self) -> int:
@@ -209,21 +274,17 @@ class ShardSet:
 
     def records(self, shard_id: int) -> Iterator[Record]:
         """Yield the samples of one shard in file order, undecoded, with their global indices."""
-        shard = self.shards[shard_id]
-        path = self.root / shard.name
+        shard, url = self.shards[shard_id], self.urls[shard_id]
         position = -1
-        with open(path, "rb") as stream:
-            try:
-                for position, sample in enumerate(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))):
+        try:
+            with open_shard(url) as stream:
+                for position, sample in enumerate(group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))):
                     yield _record(sample, self.offsets[shard_id] + position, shard.name)
-            except (tarfile.TarError, ValueError) as error:
-                # webdataset wraps tarfile's error as (message, stream, url): the message is what says why
-                reason = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-                reason = reason.split(" @ ")[0]
-                raise ShardError(f"{path}: truncated or corrupt after {position + 1} of its {shard.count} "
-                                 f"samples ({reason})") from error
+        except (tarfile.TarError, ValueError, OSError) as error:
+            raise ShardError(f"{url}: truncated or corrupt after {position + 1} of its {shard.count} "
+                             f"samples ({_reason(error)})") from error
         if position + 1 != shard.count:
-            raise ShardError(f"{path}: holds {position + 1} samples but the index says {shard.count}")
+            raise ShardError(f"{url}: holds {position + 1} samples but the index says {shard.count}")
 
     def assigned_shards(self, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1) -> list[int]:
         """The shards one (rank, worker) reads: round-robin over all rank x worker slots, so none overlap."""
@@ -338,7 +399,7 @@ def describe(shard_set: ShardSet, progress: Callable[[int], None] | None = None)
                     progress(1)
     area = lambda s: s[0] * s[1]  # noqa: E731
     return {
-        "directory": str(shard_set.root),
+        "directory": shard_set.root or "(pipe: commands)",
         "shards": len(shard_set),
         "samples": shard_set.num_samples,
         "classes": len(shard_set.classes) if shard_set.classes else 0,
@@ -346,5 +407,5 @@ def describe(shard_set: ShardSet, progress: Callable[[int], None] | None = None)
         "factors": {name: list(values) for name, values in shard_set.factors.items()},
         "min_size": min(sizes, key=area) if sizes else None,
         "max_size": max(sizes, key=area) if sizes else None,
-        "indexed": (shard_set.root / INDEX_FILE).exists(),
+        "indexed": shard_set.indexed,
     }

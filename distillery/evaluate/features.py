@@ -30,8 +30,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ from PIL import Image
 from distillery.console import console, progress_bar
 from distillery.data.imagefolder import find_classes
 from distillery.data.pipeline import ShardLoader, ShardStream, WorkerFailure, decode, shard_records
-from distillery.data.shards import INDEX_FILE, ImageDecodeError, ShardSet, decode_image, names_shards
+from distillery.data.shards import (INDEX_FILE, ImageDecodeError, ShardSet, decode_image, is_url, join_url,
+                                    names_shards)
 from distillery.data.views import eval_view, normalize, replay
 from distillery.errors import DistilleryError
 from distillery.evaluate.knn import l2_normalize
@@ -222,8 +224,8 @@ def _shard_items(shard_set: ShardSet, transform: Transform, worker: int, num_wor
         yield _Item(record.index, record.key, record.label, transform.render(decoded.image))
 
 
-def _sample_name(root: Path, record) -> str:
-    return f"{root / record.shard}:{record.key}"
+def _sample_name(root: str, record) -> str:
+    return f"{join_url(root, record.shard) if root else record.shard}:{record.key}"
 
 
 @dataclass(frozen=True)
@@ -283,18 +285,22 @@ class _FileImages(torch.utils.data.Dataset):
 ImageSource = ShardSource | FileSource
 
 
-def source_name(path: Path) -> str:
-    """A file-safe name from the last two parts of a path (`synth/val` -> `synth_val`, `ood/near` -> `ood_near`)."""
-    parts = path.resolve().parts[-2:]
+def source_name(path: str | os.PathLike) -> str:
+    """A file-safe name from the last two parts of a path or URL (`synth/val` -> `synth_val`, `ood/near` ->
+    `ood_near`)."""
+    parts = PurePosixPath(urlparse(str(path)).path).parts[-2:] if is_url(path) else Path(path).resolve().parts[-2:]
     return "_".join(p for p in parts if p not in ("/", "")) or "data"
 
 
 def open_images(path: str | os.PathLike) -> ImageSource:
-    """A shard directory (`*.tar` + `shards.json`), some of its shards (one `.tar`, or a brace pattern as
-    webdataset writes them) or an ImageFolder tree (`root/<class>/<image>`)."""
+    """A shard directory (`*.tar` + `shards.json`; a path or an fsspec URL), some of its shards (one `.tar`, a
+    brace pattern or `pipe:` commands, as webdataset names them) or an ImageFolder tree (`root/<class>/<image>`)."""
     if names_shards(path):
         shard_set = ShardSet.open(path)
-        return ShardSource(shard_set, source_name(shard_set.root) + f"_{len(shard_set)}_{shard_set.shards[0].name[:-4]}")
+        prefix = source_name(shard_set.root) if shard_set.root else "pipe"
+        return ShardSource(shard_set, f"{prefix}_{len(shard_set)}_{shard_set.shards[0].name[:-4]}")
+    if is_url(path):
+        return ShardSource(ShardSet.open(path), source_name(path))
     path = Path(path)
     if not path.is_dir():
         raise DistilleryError(f"{path}: no such directory (expected webdataset shards or an ImageFolder tree)")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from distillery.config import from_mapping
-from distillery.data.shards import CLASS_LABEL, ShardSet
+from distillery.data.shards import CLASS_LABEL, ShardSet, is_url, names_shards
 from distillery.errors import DistilleryError
 from distillery.evaluate import cka, ood, retrieval
 from distillery.evaluate.analysis import ClusteringSettings, clustering_task
@@ -164,11 +164,11 @@ def labelled_features(model: EvalModel, path: Path, extraction: Extraction, pool
 
 def factor_labels(path: Path, label: str, features: Features) -> tuple[tuple[str, ...], Features]:
     """`features` labelled by a factor of the shards' factors.json, read from each sample's .json by key."""
-    if not Path(path).is_dir() or not any(Path(path).glob("*.tar")):
+    if not names_shards(path) and not is_url(path) and (not Path(path).is_dir() or not any(Path(path).glob("*.tar"))):
         raise DistilleryError(f"{path}: label {label!r} needs shards that record factors (factors.json)")
     shard_set = ShardSet.open(path)
     names = shard_set.label_names(label)
-    by_key = _factor_values(shard_set.root, shard_set.fingerprint()["keys_sha256"], label)
+    by_key = _factor_values(str(path), shard_set.fingerprint()["keys_sha256"], label)
     missing = [key for key in features.keys if by_key.get(key) is None]
     if missing:
         raise DistilleryError(f"{path}: sample {missing[0]} has no {label!r} factor in its .json")
@@ -177,10 +177,10 @@ def factor_labels(path: Path, label: str, features: Features) -> tuple[tuple[str
 
 
 @functools.lru_cache(maxsize=32)
-def _factor_values(root: Path, keys_sha256: str, label: str) -> dict[str, int | None]:
+def _factor_values(spec: str, keys_sha256: str, label: str) -> dict[str, int | None]:
     """Sample key -> its `label` value for a shard set. Every labelled task of every model reads these for train
     and val; reading them means reading every tar, so a process reads each set once (per key hash)."""
-    shard_set = ShardSet.open(root)
+    shard_set = ShardSet.open(spec)
     return {r.key: shard_set.label_of(r, label) for shard in range(len(shard_set)) for r in shard_set.records(shard)}
 
 

@@ -30,6 +30,7 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int | None = None  # stop after this many steps; the schedules still span `epochs`
     batch_size: int = 256  # global: split evenly across ranks
+    grad_accum_steps: int = 1  # each step sums the gradients of this many micro-batches of batch_size / K
     lr: float = 5e-4  # at batch 256; scaled linearly with the batch size when lr_scaling is "linear"
     lr_scaling: str = "linear"
     min_lr: float = 1e-6
@@ -45,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 3
     log_every: int = 10
+    tensorboard: bool = False  # also write every metrics.jsonl record as TensorBoard scalars under <out>/tensorboard
     cache: str | list[str] | None = None  # teacher targets from this store (or stores, one per teacher, joined)...
     cache_teachers: list[str] = field(default_factory=list)  # ...only these of its teachers (default: all)
     teachers: list[str] = field(default_factory=list)  # ...or these teachers run online
@@ -59,6 +61,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be positive")
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"grad_accum_steps must be at least 1 and divide batch_size {self.batch_size}, "
+                              f"got {self.grad_accum_steps}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be at least 0, got {self.warmup_epochs:g}")
         if self.repeated_augmentation < 1:
@@ -92,7 +97,7 @@ class TrainConfig:
 
 OPTION_NAMES = {f.name for f in fields(TrainConfig)} - {"method_config"}
 # What a resumed run may change: none of these alter the data stream, the model or the schedules.
-RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard"}
 
 
 def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "config",

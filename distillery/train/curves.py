@@ -1,5 +1,6 @@
-"""A run's training curves: `metrics.jsonl` read back, and drawn as `losses.png` beside it when a run ends
-(timm's and DINO's runs leave a log to plot; this leaves the plot too)."""
+"""A run's training curves: `metrics.jsonl` read back, drawn as `losses.png` beside it when a run ends
+(timm's and DINO's runs leave a log to plot; this leaves the plot too), and with `tensorboard: true` the
+same records as TensorBoard scalars while the run goes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from distillery.errors import DistilleryError
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "losses.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -45,3 +47,37 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
+
+
+def summary_writer_class() -> type:
+    """torch.utils.tensorboard's SummaryWriter; without the tensorboard package, one line saying what to install
+    (every rank asks before training, so none is left waiting for the others)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise DistilleryError("tensorboard: true needs the tensorboard package: "
+                              "pip install -c constraints.txt -e '.[tensorboard]'") from error
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """The run's records as TensorBoard scalars in `<run>/tensorboard` (torch.utils.tensorboard). A resumed
+    run purges what its old event files hold past the resumed step; a run that turns it on when resumed
+    first writes the records metrics.jsonl already holds."""
+
+    def __init__(self, run_dir: str | Path, start_step: int):
+        SummaryWriter = summary_writer_class()
+        log_dir = Path(run_dir) / TENSORBOARD_DIR
+        fresh = not log_dir.exists()
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if fresh or not start_step else start_step + 1)
+        if fresh and start_step:
+            for record in read_metrics(run_dir):
+                self.add(record)
+
+    def add(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()

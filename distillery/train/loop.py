@@ -10,6 +10,7 @@ continues exactly: on CPU the losses after a resume equal those of an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -30,7 +31,7 @@ from distillery.models.teachers import create_teacher
 from distillery.train import checkpoint as ckpt
 from distillery.config import ConfigError, read_yaml
 from distillery.train.config import RESUMABLE_CHANGES, TrainConfig, load_saved, resolve, save
-from distillery.train.curves import METRICS_FILE, plot_run, read_metrics
+from distillery.train.curves import METRICS_FILE, TensorBoardLog, plot_run, read_metrics, summary_writer_class
 from distillery.train.data import Position, TeacherViews, TrainStream, make_loader
 from distillery.train.distributed import DistInfo, any_rank, barrier, gather_objects, init_distributed
 from distillery.train.ema import ModelEma
@@ -176,8 +177,11 @@ class Trainer:
         self.config, self.dist = config, dist
         self.run_dir = Path(config.out)
         device = dist.device
-        if config.batch_size % dist.world_size:
-            raise ConfigError(f"batch_size {config.batch_size} does not split evenly over {dist.world_size} ranks")
+        if config.batch_size % (dist.world_size * config.grad_accum_steps):
+            raise ConfigError(f"batch_size {config.batch_size} does not split evenly over {dist.world_size} ranks"
+                              + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
+        if config.tensorboard:
+            summary_writer_class()
         shard_set = ShardSet.open(config.data)
         method_cls = method_class(config.method)
         self.steps_per_epoch = max(1, shard_set.num_samples // config.batch_size)
@@ -203,8 +207,10 @@ class Trainer:
         self.ema = None if heads is None else ModelEma(self.ema_source)
         self.model = self.module
         if dist.world_size > 1:
+            # Buffers (DINO's centre, ...) start equal on every rank and each method all-reduces its own, so
+            # they are not broadcast at every forward.
             self.model = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                self.module, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         self.nominal_wd = max(config.weight_decay, config.weight_decay_end or 0.0)
         groups = param_groups_weight_decay(self.module, self.nominal_wd, no_weight_decay_list=self.module.no_weight_decay())
         self.optimizer = torch.optim.AdamW(groups, lr=config.peak_lr, betas=config.betas)
@@ -217,9 +223,9 @@ class Trainer:
             positions = self._restore()
         self.positions = positions or [Position()] * self.num_workers
         stream = TrainStream(shard_set, self.method.sample_spec(), self.student.preprocessing.input_size,
-                             config.batch_size // dist.world_size, config.seed, dist.rank, dist.world_size,
-                             self.num_workers, self.teachers.views, positions, first_batch=self.start_step,
-                             repeats=config.repeated_augmentation)
+                             config.batch_size // (dist.world_size * config.grad_accum_steps), config.seed, dist.rank,
+                             dist.world_size, self.num_workers, self.teachers.views, positions,
+                             first_batch=self.start_step * config.grad_accum_steps, repeats=config.repeated_augmentation)
         self.loader = make_loader(stream, config.workers, config.seed)
 
     # ------------------------------------------------------------------ checkpoints
@@ -276,22 +282,22 @@ class Trainer:
                 group["weight_decay"] = wd
         return {"lr": lr, "wd": wd}
 
-    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on a batch as the data stream yields it (uint8 pixels, raw targets)."""
-        c, device = self.config, self.dist.device
-        batch = prepare_batch(batch, device, self.student.preprocessing.mean, self.student.preprocessing.std)
-        if self.teachers.targets is not None:
-            batch["targets"] = self.teachers.targets(batch)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = self.model(batch, step, None if self.ema is None else self.ema.module)
-        loss = losses["loss"]
-        if any_rank(~torch.isfinite(loss.detach())):
-            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            saved = ckpt.list_checkpoints(self.run_dir)
-            raise TrainingError(f"step {step + 1}: the loss is not finite ({terms}); training stopped. "
-                                f"Last good checkpoint: {saved[-1] if saved else 'none'}")
+    def train_step(self, batch: dict[str, Any] | list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch as the data stream yields it (uint8 pixels, raw targets), or on the
+        micro-batches of one step (gradient accumulation: their gradients are averaged before the update,
+        and under DDP only the last backward all-reduces). Returns the losses, averaged over them."""
+        c = self.config
+        micro_batches = batch if isinstance(batch, list) else [batch]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        totals: dict[str, torch.Tensor] = {}
+        for k, part in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or self.model is self.module else self.model.no_sync():
+                losses = self._forward(part, step)
+                (losses["loss"] / len(micro_batches)).backward()
+            for name, value in losses.items():
+                value = value.detach() / len(micro_batches)
+                totals[name] = value if name not in totals else totals[name] + value
         self.method.before_optimizer_step(step)
         if c.clip_grad > 0 and c.clip_mode == "per_parameter":
             clip_per_parameter(self.module.parameters(), c.clip_grad)
@@ -301,6 +307,21 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.ema_source, self.method.ema_momentum(step))
         self.method.after_step(step)
+        return totals
+
+    def _forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """The method's losses on one (micro-)batch; a loss that is not finite on any rank stops the run."""
+        device = self.dist.device
+        batch = prepare_batch(batch, device, self.student.preprocessing.mean, self.student.preprocessing.std)
+        if self.teachers.targets is not None:
+            batch["targets"] = self.teachers.targets(batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = self.model(batch, step, None if self.ema is None else self.ema.module)
+        if any_rank(~torch.isfinite(losses["loss"].detach())):
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            saved = ckpt.list_checkpoints(self.run_dir)
+            raise TrainingError(f"step {step + 1}: the loss is not finite ({terms}); training stopped. "
+                                f"Last good checkpoint: {saved[-1] if saved else 'none'}")
         return losses
 
     def fit(self) -> dict[str, Any]:
@@ -308,9 +329,19 @@ class Trainer:
         metrics_path = self.run_dir / METRICS_FILE
         if self.start_step >= self.end_step:  # a finished run resumed: nothing to train, and nothing to rewrite
             return self._finished(metrics_path)
+        tensorboard = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(metrics_path, self.start_step)
+            tensorboard = TensorBoardLog(self.run_dir, self.start_step) if c.tensorboard else None
+        try:
+            return self._fit(metrics_path, tensorboard)
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
+
+    def _fit(self, metrics_path: Path, tensorboard: TensorBoardLog | None) -> dict[str, Any]:
+        c = self.config
         data = iter(self.loader)
         last_saved, last_log = self.start_step, None
         tick, images = time.perf_counter(), 0
@@ -319,13 +350,15 @@ class Trainer:
             task = progress.add_task(f"{c.method} on {Path(c.data).name}", total=self.end_step,
                                      completed=self.start_step, loss="", speed="")
             for step in range(self.start_step, self.end_step):
-                batch = next(data)
-                if batch["_stream"] != step % self.num_workers:
-                    raise TrainingError(f"step {step + 1}: batch from data stream {batch['_stream']}, "
-                                        f"expected {step % self.num_workers}")
-                self.positions[batch["_stream"]] = Position(*batch["_position"])
+                micro_batches = [next(data) for _ in range(c.grad_accum_steps)]
+                for k, batch in enumerate(micro_batches):
+                    expected = (step * c.grad_accum_steps + k) % self.num_workers
+                    if batch["_stream"] != expected:
+                        raise TrainingError(f"step {step + 1}: batch from data stream {batch['_stream']}, "
+                                            f"expected {expected}")
+                    self.positions[batch["_stream"]] = Position(*batch["_position"])
                 schedule = self._set_schedules(step)
-                losses = self.train_step(batch, step)
+                losses = self.train_step(micro_batches, step)
                 images += c.batch_size
                 done = step + 1
                 if done % c.log_every == 0 or done == self.end_step:
@@ -335,6 +368,8 @@ class Trainer:
                     if self.dist.is_main:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
+                        if tensorboard is not None:
+                            tensorboard.add(record)
                     progress.update(task, loss=f"loss {record['loss']:.4f}", speed=f"{record['images_per_s']:.0f} img/s")
                     last_log, tick, images = record, time.perf_counter(), 0
                 progress.update(task, completed=done)
