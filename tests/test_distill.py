@@ -222,8 +222,12 @@ def test_each_method_learns_from_the_cache(tiny_synth, tiny_cache, tmp_path, met
 
 
 @pytest.mark.parametrize("method", ["unic", "sefa", "tintem"])
-def test_cached_and_online_teachers_give_the_same_first_step(tiny_synth, tiny_cache, teacher_specs, tmp_path, method):
-    cached = Trainer(_config(tiny_synth, tmp_path / "cached", method, cache=str(tiny_cache)), DistInfo())
+@pytest.mark.parametrize("stores", ["one", "joined"])
+def test_cached_and_online_teachers_give_the_same_first_step(tiny_synth, tiny_cache, teacher_specs, tmp_path, method,
+                                                             stores, request):
+    """From one two-teacher store, or from two single-teacher stores joined at train time."""
+    cache = str(tiny_cache) if stores == "one" else request.getfixturevalue("single_teacher_stores")
+    cached = Trainer(_config(tiny_synth, tmp_path / "cached", method, cache=cache), DistInfo())
     online = Trainer(_config(tiny_synth, tmp_path / "online", method, teachers=list(teacher_specs), views=2,
                              stats_from=str(tiny_cache)), DistInfo())
     batches = [next(iter(t.loader)) for t in (cached, online)]
