@@ -209,3 +209,45 @@ def test_a_teacher_can_run_at_another_input_size(teacher_specs):
     assert teacher.fingerprint() != create_teacher(teacher_specs[0]).fingerprint()
     with pytest.raises(DistilleryError, match="must be an input size"):
         create_teacher(teacher_specs[0] + "@big")
+
+
+def test_rows_that_are_not_finite_as_stored_are_invalid_and_zero(tmp_path):
+    """A teacher output finite in float32 but beyond float16 (1e5) is as invalid as a NaN: the check is on
+    the stored values, and the statistics leave both images out."""
+    from distillery.cache.writer import ShardBuffer, ViewedImage
+    from distillery.data.views import NUM_PARAMS
+    from distillery.models.teachers import Preprocessing, Tokens
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, name, cls, patch):
+            super().__init__()
+            self.name, self.grid, self.tokens = name, (2, 2), Tokens(cls, patch)
+            self.preprocessing = Preprocessing((1, 1), (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
+
+        def forward(self, images):
+            return self.tokens
+
+    generator = torch.Generator().manual_seed(0)
+    a = Fixed("a", torch.randn(4, 3, generator=generator), torch.randn(4, 4, 3, generator=generator))
+    b = Fixed("b", torch.randn(4, 5, generator=generator), torch.randn(4, 4, 5, generator=generator))
+    a.tokens.cls[1, 2] = 1e5
+    b.tokens.patch[2, 3, 0] = float("nan")
+    layouts = [{"name": t.name, "spec": t.name, "dim": d, "grid": [2, 2], "stored_grid": [2, 2], "fingerprint": {}}
+               for t, d in ((a, 3), (b, 5))]
+    store = CacheStore.create(str(tmp_path / "s.zarr"), {
+        "dataset": {"shards": ["s.tar"], "counts": [4], "num_samples": 4, "keys_sha256": ""},
+        "views": {"count": 1, "seed": 0, "config": {}}, "teachers": layouts,
+        "storage": {"dtype": "float16", "patch_pool": 1, "cls_only": False, "slots": 4, "forward_precision": "float32"}})
+    buffer = ShardBuffer(store, 0, CacheConfig(("a", "b"), views=1, workers=0))
+    for k in range(4):
+        buffer.add(ViewedImage(0, k, k, f"k{k}", None, np.zeros((1, NUM_PARAMS), np.float32),
+                               {(1, 1): torch.zeros(1, 3, 1, 1, dtype=torch.uint8)}, 0.0))
+    buffer.run_batch([a, b], torch.device("cpu"))
+    assert buffer.valid.tolist() == [1, 0, 0, 1]
+    assert [e["reason"] for e in buffer.invalid] == ["non-finite cls output of teacher a",
+                                                      "non-finite patch output of teacher b"]
+    for name in ("teachers/a/cls", "teachers/a/patch", "teachers/b/cls", "teachers/b/patch"):
+        assert not buffer.features[name][[1, 2]].any() and buffer.features[name][[0, 3]].any(), name
+    kept = a.tokens.cls[[0, 3]].half().double()
+    assert buffer.moments[("a", "cls")].count == 2
+    assert np.allclose(buffer.moments[("a", "cls")].mean, kept.mean(0).numpy())

@@ -13,6 +13,13 @@ import numpy as np
 import torch
 
 
+def mean_and_m2(values: torch.Tensor) -> torch.Tensor:
+    """[2, D] float64, on the values' device: the mean and the M2 of the rows of `values` [..., D]."""
+    rows = values.detach().to(torch.float64).reshape(-1, values.shape[-1])
+    mean = rows.mean(0)
+    return torch.stack([mean, ((rows - mean) ** 2).sum(0)])
+
+
 @dataclass
 class Moments:
     count: float
@@ -25,12 +32,12 @@ class Moments:
 
     @classmethod
     def of(cls, values: torch.Tensor) -> Moments:
-        """Moments of the rows of `values` [N, D]."""
-        x = values.detach().to(torch.float64).reshape(-1, values.shape[-1])
-        if x.shape[0] == 0:
+        """Moments of the rows of `values` [..., D]."""
+        count = values.numel() // values.shape[-1]
+        if count == 0:
             return cls.empty(values.shape[-1])
-        mean = x.mean(0)
-        return cls(float(x.shape[0]), mean.cpu().numpy(), ((x - mean) ** 2).sum(0).cpu().numpy())
+        mean, m2 = mean_and_m2(values).cpu().numpy()
+        return cls(float(count), mean, m2)
 
     def merge(self, other: Moments) -> Moments:
         if other.count == 0:

@@ -54,20 +54,33 @@ class CacheError(DistilleryError):
 
 # ---------------------------------------------------------------------------------------- encodings
 
-def encode(features: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """float32 [..., D] to the stored values (and, for int8, a float16 scale per token [...])."""
-    features = features.detach().float().cpu()
+def encode_tensor(features: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 [..., D] to the stored values, as tensors on the features' device (bfloat16 as its int16 bit
+    pattern), and for int8 a float16 scale per token [...]."""
+    features = features.detach().float()
     if dtype == "float16":
-        return features.half().numpy(), None
+        return features.half(), None
     if dtype == "bfloat16":
-        return features.bfloat16().view(torch.int16).numpy().view(np.uint16), None
+        return features.bfloat16().view(torch.int16), None
     if dtype == "int8":
         # Quantise with the float16-rounded scale that is stored, so decoding is exact to half a step.
         scale = (features.abs().amax(-1) / 127).half().float()
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        values = torch.round(features / safe.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-        return values.numpy(), scale.half().numpy()
+        values = (features / safe.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+        return values, scale.half()
     raise CacheError(f"unknown cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def as_stored_array(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """An encoded tensor as the array the store holds (bfloat16 bit patterns as uint16)."""
+    array = values.cpu().numpy()
+    return array.view(np.uint16) if dtype == "bfloat16" else array
+
+
+def encode(features: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 [..., D] to the stored arrays (and, for int8, a float16 scale per token [...])."""
+    values, scale = encode_tensor(features.cpu(), dtype)
+    return as_stored_array(values, dtype), None if scale is None else scale.numpy()
 
 
 def decode(values: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor | None, dtype: str) -> torch.Tensor:

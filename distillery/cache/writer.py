@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillery.cache.stats import Moments
-from distillery.cache.store import (DTYPES, MANIFEST, CacheError, CacheStore, SideFiles, as_json, decode, encode,
-                                    identity_differences)
+from distillery.cache.stats import Moments, mean_and_m2
+from distillery.cache.store import (DTYPES, MANIFEST, CacheError, CacheStore, SideFiles, as_json, as_stored_array,
+                                    decode, encode_tensor, identity_differences)
 from distillery.console import console, progress_bar
 from distillery.data.pipeline import shard_loader, shard_records, shards_for
 from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
@@ -168,39 +170,67 @@ class ShardBuffer:
     def complete(self) -> bool:
         return self.received == self.count and not self.pending
 
-    def run_batch(self, teachers: list[Teacher], device: torch.device) -> None:
+    def run_batch(self, teachers: list[Teacher], device: torch.device) -> tuple[float, float]:
+        """Run the teachers on the next batch of pending images, then check, encode and summarise what they
+        output on the device, copying to the host only what is stored. Returns the seconds of the forward
+        and of the rest."""
         items, self.pending = self.pending[: self.config.batch_size], self.pending[self.config.batch_size:]
-        views = self.config.views
-        outputs: dict[str, dict[str, torch.Tensor]] = {}
-        finite = torch.ones(len(items), dtype=torch.bool)
+        start = time.perf_counter()
+        outputs = self._forward(items, teachers, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the forward's time is its own, not the checks' after it
+        forwarded = time.perf_counter()
+        self._store(items, outputs)
+        return forwarded - start, time.perf_counter() - forwarded
+
+    def _forward(self, items: list[ViewedImage], teachers: list[Teacher],
+                 device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+        """(teacher, part) -> its tokens for every view of every image, [B, V, D] or [B, V, T, D], on the device."""
+        views, outputs = self.config.views, {}
         for teacher in teachers:
             p = teacher.preprocessing
             pixels = torch.cat([item.pixels[p.input_size] for item in items]).to(device, non_blocking=True)
             tokens = teacher(normalize(pixels, p.mean, p.std))
-            parts = {"cls": tokens.cls.reshape(len(items), views, -1).cpu()}
+            outputs[(teacher.name, "cls")] = tokens.cls.reshape(len(items), views, -1)
             if not self.config.cls_only:
                 patch = pool_patches(tokens.patch, teacher.grid, self.config.patch_pool)
-                parts["patch"] = patch.reshape(len(items), views, *patch.shape[1:]).cpu()
-            for part, values in parts.items():
-                ok = torch.isfinite(values.flatten(1)).all(1)
-                for k in torch.nonzero(finite & ~ok).flatten().tolist():
-                    self.invalid.append({"key": items[k].key, "index": items[k].index,
-                                         "reason": f"non-finite {part} output of teacher {teacher.name}"})
-                finite &= ok
-            outputs[teacher.name] = parts
+                outputs[(teacher.name, "patch")] = patch.reshape(len(items), views, *patch.shape[1:])
+        return outputs
+
+    def _store(self, items: list[ViewedImage], outputs: dict[tuple[str, str], torch.Tensor]) -> None:
+        """Encode every output, then take per-image float64 moments of the stored values as training will decode
+        them, merged image by image in shard order so that they do not depend on the batch size. The moments
+        are also the finite check: an image is valid where every teacher output's moments are finite, i.e.
+        where every stored value is (this also catches a float16 overflow, which a check of the float32
+        outputs would pass). Invalid images are stored as zeros."""
+        dtype = self.config.dtype
+        encoded, finite_parts = {}, []
+        for key, values in outputs.items():
+            stored, scale = encode_tensor(values, dtype)
+            moments = torch.stack([mean_and_m2(decode(stored[k], None if scale is None else scale[k], dtype))
+                                   for k in range(len(items))])  # [B, 2, D]
+            finite_parts.append(torch.isfinite(moments).flatten(1).all(1))
+            encoded[key] = (stored, scale, moments, values[0].numel() // values.shape[-1])
+        finite_parts = torch.stack(finite_parts)
+        finite = finite_parts.all(0)
+        for stored, scale, _, _ in encoded.values():
+            stored[~finite] = 0
+            if scale is not None:
+                scale[~finite] = 0
+        finite_parts, finite = finite_parts.cpu().numpy(), finite.cpu().numpy()
+        for k in np.flatnonzero(~finite):
+            name, part = list(outputs)[int(np.argmin(finite_parts[:, k]))]  # the first teacher output that failed
+            self.invalid.append({"key": items[k].key, "index": items[k].index,
+                                 "reason": f"non-finite {part} output of teacher {name}"})
         positions = np.array([item.position for item in items])
-        for name, parts in outputs.items():
-            for part, values in parts.items():
-                values = torch.where(finite.view(-1, *([1] * (values.ndim - 1))), values, torch.zeros(()))
-                stored, scale = encode(values, self.config.dtype)
-                self.features[f"teachers/{name}/{part}"][positions] = stored
-                if scale is not None:
-                    self.features[f"teachers/{name}/{part}_scale"][positions] = scale
-                # Merged image by image in shard order, so the statistics do not depend on the batch size.
-                decoded = decode(stored, scale, self.config.dtype)
-                for k in torch.nonzero(finite).flatten().tolist():
-                    self.moments[(name, part)] = self.moments[(name, part)].merge(Moments.of(decoded[k]))
-        self.valid[positions[finite.numpy()]] = 1
+        for (name, part), (stored, scale, moments, count) in encoded.items():
+            self.features[f"teachers/{name}/{part}"][positions] = as_stored_array(stored, dtype)
+            if scale is not None:
+                self.features[f"teachers/{name}/{part}_scale"][positions] = scale.cpu().numpy()
+            moments = moments.cpu().numpy()
+            for k in np.flatnonzero(finite):
+                self.moments[(name, part)] = self.moments[(name, part)].merge(Moments(float(count), *moments[k]))
+        self.valid[positions[finite]] = 1
 
     def flush(self) -> None:
         arrays: dict[str, np.ndarray] = dict(self.features)
@@ -226,6 +256,47 @@ class ShardBuffer:
         if not np.array_equal(self.store.group["views"][rows], self.views[: self.count]):
             raise CacheError(f"{self.store.url}: the views of image shard {self.store.shard_names[self.shard_id]} "
                              "differ from the store's; the images changed since the store was built")
+
+
+class ShardFlusher:
+    """Writes finished shards on a thread of its own, so the teachers run on the next shard's batches while a
+    shard's arrays go to the store (Zarr's writes release the GIL). At most `depth` shards wait, which bounds
+    the memory it costs; a write's error is raised in the main loop, and leaving the block waits for every
+    write, so no shard is left half-written behind a finished run."""
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cache-write")
+        self.pending: deque[tuple[int, Future]] = deque()
+        self.finished: list[tuple[int, float]] = []
+
+    def __enter__(self) -> ShardFlusher:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.pool.shutdown(wait=True)  # an interrupted run still finishes the writes it started
+        if error[0] is None:
+            self.written(wait=True)  # raises a write's error
+
+    def submit(self, buffer: ShardBuffer) -> None:
+        while len(self.pending) >= self.depth:
+            count, future = self.pending.popleft()
+            self.finished.append((count, future.result()))
+        self.pending.append((buffer.count, self.pool.submit(_timed_flush, buffer)))
+
+    def written(self, wait: bool = False) -> list[tuple[int, float]]:
+        """(images, seconds) of each write finished since the last call, in order (with `wait`, all of them)."""
+        while self.pending and (wait or self.pending[0][1].done()):
+            count, future = self.pending.popleft()
+            self.finished.append((count, future.result()))
+        finished, self.finished = self.finished, []
+        return finished
+
+
+def _timed_flush(buffer: ShardBuffer) -> float:
+    start = time.perf_counter()
+    buffer.flush()
+    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------ the command
@@ -351,14 +422,14 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
     todo = [j for j in shard_set.assigned_shards(rank, world_size) if j not in done]
     sizes = sorted({t.preprocessing.input_size for t in teachers})
     loader = shard_loader(partial(viewed_images, shard_set, todo, config, sizes), config.workers, prefetch_factor=8)
-    timings = {"decode": 0.0, "forward": 0.0, "write": 0.0}
-    counts = {"decode": 0, "forward": 0, "write": 0}  # images through each stage so far
+    timings = {"decode": 0.0, "forward": 0.0, "encode": 0.0, "write": 0.0}
+    counts = {"decode": 0, "forward": 0, "encode": 0, "write": 0}  # images through each stage so far
     images = 0
     buffers: dict[int, ShardBuffer] = {}
     for empty in (j for j in todo if shard_set.shards[j].count == 0):
         ShardBuffer(store, empty, config, adding=add).flush()
     start = time.perf_counter()
-    with progress_bar("rates") as progress:
+    with progress_bar("rates") as progress, ShardFlusher() as flusher:
         task = progress.add_task(f"caching (rank {rank}/{world_size})", total=sum(shard_set.shards[j].count for j in todo),
                                  rates="", visible=show_progress)
         for item in loader:
@@ -369,18 +440,24 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
             timings["decode"] += item.seconds
             counts["decode"] += 1
             if buffer.batch_ready:
-                tick = time.perf_counter()
-                counts["forward"] += min(len(buffer.pending), config.batch_size)
-                buffer.run_batch(teachers, device)
-                timings["forward"] += time.perf_counter() - tick
+                batch = min(len(buffer.pending), config.batch_size)
+                forward, encoding = buffer.run_batch(teachers, device)
+                timings["forward"] += forward
+                timings["encode"] += encoding
+                counts["forward"] += batch
+                counts["encode"] += batch
             if buffer.complete:
-                tick = time.perf_counter()
-                buffer.flush()
-                timings["write"] += time.perf_counter() - tick
-                counts["write"] += buffer.count
+                flusher.submit(buffer)
                 del buffers[item.shard_id]
+            for written, seconds in flusher.written():
+                counts["write"] += written
+                timings["write"] += seconds
             images += 1
             progress.update(task, advance=1, rates=stage_rates(counts, timings))
+        for written, seconds in flusher.written(wait=True):
+            counts["write"] += written
+            timings["write"] += seconds
+        progress.update(task, rates=stage_rates(counts, timings))
     if buffers:  # the data ended inside a shard: the index promised more samples than the tar holds
         raise CacheError(f"shards {sorted(buffers)} ended early; their records were not written")
     complete = store.finalize()
