@@ -7,8 +7,9 @@
 Two random-weight teachers of different width and patch size (by default ViT-Ti/4 and ViT-S/8 at the synth
 size).
 The naive loop is what a cache without this design does: for every teacher and every view it walks the
-data again, decoding each image once per (teacher, view). Both use the same DataLoader workers, batch
-size and teachers; images/s counts images fully cached (all views, all teachers) per wall-clock second.
+data again, decoding each image once per (teacher, view); it encodes, takes the statistics and writes the
+same arrays as the writer. Both use the same DataLoader workers, batch size and teachers; images/s counts
+images fully cached (all views, all teachers) per wall-clock second.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 import zarr
 
 from common import CPU_TEACHERS, random_teachers, synth_train
-from distillery.cache.store import CacheStore, encode
+from distillery.cache.stats import Moments, mean_and_m2
+from distillery.cache.store import CacheStore, as_stored_array, encode, encode_tensor
 from distillery.cache.verify import bytes_per_view
 from distillery.cache.writer import CacheConfig, cache_teachers
 from distillery.data.shards import ShardSet, decode_image
@@ -48,20 +50,36 @@ class NaivePass(torch.utils.data.IterableDataset):
             for record in self.shard_set.records(shard):
                 image = decode_image(record.image_bytes, record.key)
                 params = draw_view(ViewConfig(), self.seed, record.index, self.view, image.height, image.width)
-                yield replay(image, params, self.size)
+                yield record.index, replay(image, params, self.size)
 
 
-def naive(data, specs, views, batch_size, workers):
+def naive(data, specs, views, batch_size, workers, out: Path):
+    """The same stored work as the writer's (encoding, per-image statistics, whole-chunk Zarr writes of every
+    teacher's CLS and patch tokens), but each (teacher, view) pass decodes and renders the images again."""
     shard_set = ShardSet.open(data)
     teachers = [create_teacher(s) for s in specs]
+    group = zarr.open_group(str(out), mode="w")
     start = time.perf_counter()
     for teacher in teachers:
         p = teacher.preprocessing
+        arrays = {part: group.create_array(f"{teacher.name}/{part}", shape=(shard_set.num_samples, views, *tail),
+                                           dtype="float16", chunks=(250, 1, *tail), compressors=None, fill_value=0)
+                  for part, tail in (("cls", (teacher.embed_dim,)), ("patch", (teacher.num_patches, teacher.embed_dim)))}
         for view in range(views):
+            rows = {part: np.zeros((shard_set.num_samples, *array.shape[2:]), np.float16) for part, array in arrays.items()}
+            moments = Moments.empty(teacher.embed_dim)
             loader = torch.utils.data.DataLoader(NaivePass(shard_set, view, p.input_size, 0), batch_size=batch_size,
                                                  num_workers=workers)
-            for pixels in loader:
-                teacher(normalize(pixels, p.mean, p.std))
+            for indices, pixels in loader:
+                tokens = teacher(normalize(pixels, p.mean, p.std))
+                for part, values in (("cls", tokens.cls), ("patch", tokens.patch)):
+                    stored, _ = encode_tensor(values, "float16")
+                    rows[part][indices.numpy()] = as_stored_array(stored, "float16")
+                    for k in range(len(indices)):
+                        moments = moments.merge(Moments(float(values[k].numel() // values.shape[-1]),
+                                                        *mean_and_m2(stored[k]).numpy()))
+            for part, array in arrays.items():
+                array[:, view] = rows[part]
     return shard_set.num_samples / (time.perf_counter() - start)
 
 
@@ -97,7 +115,7 @@ def main() -> None:
     specs = random_teachers(work, args.teachers, args.size)
     config = CacheConfig(tuple(specs), views=args.views, batch_size=args.batch_size, workers=args.workers)
     summary = cache_teachers(data, str(work / "f16.zarr"), config, show_progress=False)
-    naive_rate = naive(data, specs, args.views, args.batch_size, args.workers)
+    naive_rate = naive(data, specs, args.views, args.batch_size, args.workers, work / "naive.zarr")
     store = CacheStore.open(str(work / "f16.zarr"))
     sizes = {"float16": bytes_per_view(store)}
     for label, extra in (("int8", {"dtype": "int8"}), ("float16, patch-pool 2", {"patch_pool": 2})):
