@@ -126,6 +126,7 @@ def cache_teachers(
     patch_pool: Annotated[Optional[int], typer.Option(help="Average-pool the patch grid by 1 (default), 2 or 4 before storing.")] = None,
     cls_only: Annotated[Optional[bool], typer.Option("--cls-only", help="Store CLS tokens only.")] = None,
     view_config: Annotated[Optional[Path], typer.Option(help="YAML with view settings (scale, ratio, flip_p, jitter_p, ..., *_p: 0 turns an op off).")] = None,
+    max_invalid: Annotated[float, typer.Option(help="Leave the store incomplete, exit status 2, when a teacher's outputs are not finite for more than this fraction of the images.")] = 0.01,
     add: Annotated[bool, typer.Option(help="Add the --teacher models to the finished store --out, under its own data, views and storage; the arrays already there are not touched.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite/--resume", help="Rebuild from scratch, or (default) resume a store built with the same settings.")] = False,
 ) -> None:
@@ -141,13 +142,14 @@ def cache_teachers(
              "view_config": ViewConfig.from_dict(read_yaml(view_config), str(view_config)) if view_config else None}
     given = {key: value for key, value in given.items() if value is not None}
     if add:
-        config = addition_config(out, tuple(teacher), batch_size, workers)
+        config = addition_config(out, tuple(teacher), batch_size, workers, max_invalid)
         conflicting = [key for key, value in given.items() if getattr(config, key) != value]
         if conflicting:
             raise DistilleryError(f"--add takes the views and storage of {out}; its {conflicting[0]} is "
                                   f"{getattr(config, conflicting[0])!r}, not {given[conflicting[0]]!r} (drop the option)")
     else:
-        config = CacheConfig(teachers=tuple(teacher), batch_size=batch_size, workers=workers, **given)
+        config = CacheConfig(teachers=tuple(teacher), batch_size=batch_size, workers=workers, max_invalid=max_invalid,
+                             **given)
     summary = run(data, out, config, overwrite=overwrite, add=add)
     print_mapping(f"cache {out}", summary)
 
@@ -167,15 +169,17 @@ def cache_verify(
     data: Annotated[str, typer.Option(help="The shards the store was built from (as --data of cache-teachers).")],
     recompute: Annotated[int, typer.Option(help="Random rows to recompute from the images and teachers.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the rows picked for --recompute.")] = 0,
+    max_invalid: Annotated[float, typer.Option(help="Fail when a teacher's outputs were not finite for more than this fraction of the images.")] = 0.01,
 ) -> None:
-    """Check completeness, keys, NaN/Inf, and recomputed rows; exit status 1 if any check fails."""
+    """Check completeness, keys, NaN/Inf, invalid rows, statistics and recomputed rows; exit status 1 if any check fails."""
     from distillery.cache.store import CacheStore
     from distillery.cache.verify import verify_store
 
     opened = CacheStore.open(store)
     with progress_bar() as progress:
         task = progress.add_task("verifying shards", total=opened.num_shards)
-        report = verify_store(opened, str(data), recompute, seed, progress=lambda n: progress.advance(task, n))
+        report = verify_store(opened, str(data), recompute, seed, progress=lambda n: progress.advance(task, n),
+                              max_invalid=max_invalid)
     print_table(f"verify {store}", ("check", "ok", "detail"), [(n, "yes" if ok else "NO", d) for n, ok, d in report["checks"]])
     if not report["ok"]:
         raise typer.Exit(1)

@@ -441,3 +441,59 @@ def test_teachers_rank_across_stores_reads_their_stored_cls(tiny_cache, single_t
     blocks = [store.read_block(shard, view=0, parts=("cls",)) for shard in range(store.num_shards)]
     a, b = (torch.cat([blk[f"{name}/cls"] for blk in blocks]).numpy() for name in ("teacher_a", "teacher_b"))
     assert apart.metrics["linear"][0][1] == pytest.approx(linear_cka(a, b), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def nan_teacher(tmp_path_factory):
+    """A ViT teacher whose final norm makes every output NaN."""
+    from distillery.models.students import create_student, export_local_dir
+
+    model = create_student("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    path = tmp_path_factory.mktemp("nan") / "nan_teacher"
+    export_local_dir(model, path)
+    return f"local-dir:{path}"
+
+
+def test_a_teacher_that_outputs_nan_is_never_silent(tiny_synth, teacher_specs, nan_teacher, tmp_path):
+    """Beside a good teacher: cache-teachers exits 2 naming it and leaves the store incomplete, cache verify
+    fails; let through with --max-invalid 1, the store has no valid row and train refuses it at once, and a
+    stream over rows that are all invalid raises instead of waiting for a batch forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distillery.cache.verify import verify_store
+    from distillery.cache.writer import CacheConfig, cache_teachers
+    from distillery.data.shards import ShardSet
+    from distillery.data.views import ViewConfig
+    from distillery.train.data import SampleSpec, TeacherViews, TrainStream
+
+    out = tmp_path / "nan.zarr"
+    command = [sys.executable, "-m", "distillery.cli", "cache-teachers", "--data", str(tiny_synth / "train"),
+               "--teacher", teacher_specs[0], "--teacher", nan_teacher, "--out", str(out), "--views", "1", "--workers", "0"]
+    refused = subprocess.run(command, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    lines = [line for line in refused.stderr.strip().splitlines() if "caching (rank" not in line]  # progress aside
+    assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), refused.stderr
+    assert "teacher nan_teacher gave non-finite outputs for 64 of 64 images (100.0%)" in lines[0]
+    store = CacheStore.open(str(out))
+    assert not store.is_complete and len(store.completed_shards()) == store.num_shards
+    report = dict((name, ok) for name, ok, _ in verify_store(store, str(tiny_synth / "train"))["checks"])
+    assert not report["all shards complete"] and not report["teachers' invalid rows within --max-invalid"]
+
+    summary = cache_teachers(str(tiny_synth / "train"), str(out), CacheConfig((teacher_specs[0], nan_teacher), views=1,
+                                                                              workers=0, max_invalid=1.0),
+                             show_progress=False)
+    assert summary["complete"] and summary["invalid (teacher nan_teacher)"] == 64
+    report = dict((name, ok) for name, ok, _ in verify_store(CacheStore.open(str(out)), str(tiny_synth / "train"))["checks"])
+    assert not report["teacher statistics finite"] and not report["teachers' invalid rows within --max-invalid"]
+    with pytest.raises(CacheError, match="has no valid row"):
+        Trainer(_config(tiny_synth, tmp_path / "run", "unic", cache=str(out)), DistInfo())
+
+    stream = TrainStream(ShardSet.open(tiny_synth / "train"), SampleSpec(teacher_view=True), (32, 32), 8, 0,
+                         teacher_views=TeacherViews(1, 0, ViewConfig(), stores=((str(out), ("teacher_a",)),)))
+    with pytest.raises(DistilleryError, match="a whole pass over shards .* gave no usable sample"):
+        next(iter(stream))

@@ -166,6 +166,16 @@ class SideFiles:
         return int(self.fs.du(self.root)) if self.fs.exists(self.root) else 0
 
 
+def invalid_by_cause(entries: list[dict]) -> dict[str, int]:
+    """How many invalid rows each cause accounts for: `teacher NAME` (non-finite outputs) or `undecodable image`."""
+    causes: dict[str, int] = {}
+    for entry in entries:
+        reason = entry["reason"]
+        cause = f"teacher {reason.rsplit('of teacher ', 1)[1]}" if "of teacher " in reason else "undecodable image"
+        causes[cause] = causes.get(cause, 0) + 1
+    return causes
+
+
 # Where a teacher was loaded from says nothing about what it computes (its fingerprint does): a moved
 # local-dir must not make a finished store unusable.
 INFORMATIONAL_KEYS = {"spec"}
@@ -373,9 +383,10 @@ class CacheStore:
     def is_complete(self) -> bool:
         return self.manifest.get("completion") is not None
 
-    def finalize(self) -> bool:
+    def finalize(self, max_invalid: float | None = None) -> bool:
         """Record completion in the manifest once every shard is done (of an addition too: its teachers then
-        join the store's); True if the store is complete.
+        join the store's); True if the store is complete. A teacher whose outputs were not finite for more
+        than `max_invalid` of the images leaves the store incomplete, with one line naming it.
 
         Deterministic content, so two writers finishing together write the same bytes.
         """
@@ -384,6 +395,9 @@ class CacheStore:
         if self.adding:
             if any(len(self.completed_shards(t.name)) < self.num_shards for t in self.adding):
                 return False
+        if max_invalid is not None:
+            self.check_invalid(max_invalid, self.invalid_rows(teachers=self.teachers + self.adding))
+        if self.adding:
             added = self.manifest["adding"]
             identity = {**self.identity, "teachers": self.identity["teachers"] + added}
             manifest = {key: value for key, value in self.manifest.items() if key != "adding"}
@@ -391,17 +405,33 @@ class CacheStore:
                              "own_valid": sorted(self.own_valid | {t["name"] for t in added})}
             self.identity, self.own_valid = identity, set(self.manifest["own_valid"])
             self.teachers, self.adding = self.teachers + self.adding, []
-        invalid: dict[int, dict] = {}
-        for teacher in [None, *sorted(self.own_valid)]:
-            for shard_id in range(self.num_shards):
-                for entry in self.shard_record(shard_id, teacher)["invalid"]:
-                    invalid.setdefault(entry["index"], entry)
-        entries = [invalid[index] for index in sorted(invalid)]
+        entries = self.invalid_rows()
         completion = {"num_valid": self.num_samples - len(entries), "num_invalid": len(entries), "invalid": entries,
+                      "invalid_by_cause": invalid_by_cause(entries),
                       "stats": {t.name: self._stats_summary(t) for t in self.teachers}}
         self.manifest = {**self.manifest, "completion": completion}
         self.files.write(MANIFEST, self.manifest)
         return True
+
+    def invalid_rows(self, teachers: list[TeacherLayout] | None = None) -> list[dict]:
+        """Every invalid row the shard records list (of the store's teachers and of those being added), one
+        entry per image, in index order."""
+        names = {t.name for t in (self.teachers if teachers is None else teachers)}
+        invalid: dict[int, dict] = {}
+        for teacher in [None, *sorted(name for name in self.own_valid | {t.name for t in self.adding} if name in names)]:
+            for shard_id in range(self.num_shards):
+                for entry in self.shard_record(shard_id, teacher)["invalid"]:
+                    invalid.setdefault(entry["index"], entry)
+        return [invalid[index] for index in sorted(invalid)]
+
+    def check_invalid(self, max_invalid: float, entries: list[dict]) -> None:
+        """Refuse a store in which a teacher's outputs were not finite for more than `max_invalid` of the images."""
+        for cause, count in invalid_by_cause(entries).items():
+            if cause.startswith("teacher ") and count > max_invalid * self.num_samples:
+                raise CacheError(f"{self.url}: {cause} gave non-finite outputs for {count:,} of {self.num_samples:,} "
+                                 f"images ({count / self.num_samples:.1%}), more than --max-invalid "
+                                 f"{max_invalid:g}; the store is left incomplete (check the teacher, or raise "
+                                 "--max-invalid)")
 
     def _stats_summary(self, teacher: TeacherLayout) -> dict:
         stats = self.stats(teacher.name)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distillery.cache.store import CacheStore, storage_tolerance
+from distillery.cache.store import CacheError, CacheStore, invalid_by_cause, storage_tolerance
 from distillery.cache.writer import pool_patches
 from distillery.data.shards import ShardSet, decode_image
 from distillery.data.views import ViewConfig, draw_view, normalize, replay
@@ -49,14 +49,17 @@ def describe_store(store: CacheStore) -> dict[str, Any]:
 
 
 def verify_store(store: CacheStore, data: str, recompute: int = 0, seed: int = 0,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Check completeness, keys against the data, finiteness, and `recompute` random rows against fresh teachers.
+                 progress: Callable[[int], None] | None = None, max_invalid: float = 0.01) -> dict[str, Any]:
+    """Check completeness, keys against the data, finiteness, the teachers' invalid rows (at most `max_invalid`
+    of the images each) and statistics, and `recompute` random rows against fresh teachers.
 
     Returns `{"checks": [(name, ok, detail)], "ok": bool}`.
     """
     checks: list[tuple[str, bool, str]] = []
     missing = sorted(set(range(store.num_shards)) - store.completed_shards())
-    checks.append(("all shards complete", not missing, f"missing shards {missing[:10]}" if missing else f"{store.num_shards} shards"))
+    detail = (f"missing shards {missing[:10]}" if missing else f"{store.num_shards} shards" if store.is_complete
+              else "every shard is written, but the store was not marked complete (a refused or unfinished run)")
+    checks.append(("all shards complete", not missing and store.is_complete, detail))
     shard_set = ShardSet.open(data)
     fingerprint_ok = shard_set.fingerprint() == store.identity["dataset"]
     checks.append(("data matches the manifest", fingerprint_ok, str(data)))
@@ -74,9 +77,26 @@ def verify_store(store: CacheStore, data: str, recompute: int = 0, seed: int = 0
             progress(1)
     checks.append(("stored keys match the images", not mismatched, f"mismatch in {mismatched[:5]}" if mismatched else "all rows"))
     checks.append(("no NaN/Inf in valid rows", not nonfinite, ", ".join(nonfinite[:5]) if nonfinite else "all arrays"))
+    if not missing:
+        try:
+            store.check_invalid(max_invalid, store.invalid_rows())
+            causes = invalid_by_cause(store.invalid_rows())
+            checks.append(("teachers' invalid rows within --max-invalid", True,
+                           ", ".join(f"{cause}: {n}" for cause, n in causes.items()) or "none"))
+        except CacheError as error:
+            checks.append(("teachers' invalid rows within --max-invalid", False, str(error).split(": ", 1)[1]))
+        unusable = [t.name for t in store.teachers if not _finite_stats(store, t.name)]
+        checks.append(("teacher statistics finite", not unusable,
+                       f"{', '.join(unusable)}: no valid row, or non-finite mean/std" if unusable else "every teacher"))
     if recompute > 0 and fingerprint_ok:
         checks.append(_recompute(store, shard_set, recompute, seed))
     return {"checks": checks, "ok": all(ok for _, ok, _ in checks)}
+
+
+def _finite_stats(store: CacheStore, teacher: str) -> bool:
+    stats = store.stats(teacher)
+    parts = [stats.cls_mean, stats.cls_std] + ([] if stats.patch_mean is None else [stats.patch_mean, stats.patch_std])
+    return store.moments(teacher, "cls").count > 0 and all(bool(torch.isfinite(p).all()) for p in parts)
 
 
 def _recompute(store: CacheStore, shard_set: ShardSet, count: int, seed: int) -> tuple[str, bool, str]:

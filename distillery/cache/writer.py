@@ -46,6 +46,7 @@ class CacheConfig:
     cls_only: bool = False
     batch_size: int = 32  # images per teacher forward, each with its V views
     workers: int = 2
+    max_invalid: float = 0.01  # a teacher with non-finite outputs for more of the images leaves the store incomplete
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -60,6 +61,8 @@ class CacheConfig:
             raise CacheError(f"--patch-pool must be 1, 2 or 4, got {self.patch_pool}")
         if self.batch_size < 1:
             raise CacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.max_invalid <= 1:
+            raise CacheError(f"--max-invalid is a fraction of the images, from 0 to 1, got {self.max_invalid:g}")
 
 
 def pooled_grid(grid: tuple[int, int], pool: int) -> tuple[int, int]:
@@ -367,14 +370,15 @@ def _wait_for_manifest(url: str, ready=lambda manifest: True) -> None:
         time.sleep(0.5)
 
 
-def addition_config(url: str, teachers: tuple[str, ...], batch_size: int = 32, workers: int = 2) -> CacheConfig:
+def addition_config(url: str, teachers: tuple[str, ...], batch_size: int = 32, workers: int = 2,
+                    max_invalid: float = 0.01) -> CacheConfig:
     """The config that adds `teachers` to the store at `url`: its own views and storage."""
     identity = CacheStore.open(url).identity
     views, storage = identity["views"], identity["storage"]
     return CacheConfig(teachers, views=views["count"], seed=views["seed"],
                        view_config=ViewConfig.from_dict(views["config"]), dtype=storage["dtype"],
                        patch_pool=storage["patch_pool"], cls_only=storage["cls_only"], batch_size=batch_size,
-                       workers=workers)
+                       workers=workers, max_invalid=max_invalid)
 
 
 def _distributed_barrier(world_size: int):
@@ -460,7 +464,7 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
         progress.update(task, rates=stage_rates(counts, timings))
     if buffers:  # the data ended inside a shard: the index promised more samples than the tar holds
         raise CacheError(f"shards {sorted(buffers)} ended early; their records were not written")
-    complete = store.finalize()
+    complete = store.finalize(config.max_invalid)
     elapsed = time.perf_counter() - start
     summary = {"store": out, "rank": rank, "world_size": world_size, "shards_written": len(todo),
                "shards_skipped": len(shard_set.assigned_shards(rank, world_size)) - len(todo),
@@ -470,6 +474,7 @@ def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = F
                "complete": complete}
     if complete:
         summary["invalid"] = store.manifest["completion"]["num_invalid"]
+        summary.update({f"invalid ({cause})": count for cause, count in store.manifest["completion"]["invalid_by_cause"].items()})
     elif show_progress:
         console.print(f"rank {rank}: done; {store.num_shards - len(store.completed_shards())} shards remain for other ranks")
     return summary

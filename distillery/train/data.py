@@ -147,6 +147,7 @@ class TrainStream:
         epoch, slot, first = start
         while True:
             shards = self.shards_of(epoch, worker)
+            whole_pass, yielded = slot == 0 and first == 0, False  # a resumed run's first pass may be partial
             for slot in range(slot, len(shards)):
                 shard_id = shards[slot]
                 records = list(self.shard_set.records(shard_id))
@@ -163,8 +164,14 @@ class TrainStream:
                         image = decode_image(record.image_bytes, f"{record.shard}:{record.key}")
                     except ImageDecodeError:
                         continue  # counted by the cache (valid=0) or by `data shards`; training skips it
+                    yielded = True
                     yield self._sample(record, image, epoch, view, block, position), Position(epoch, slot, k + 1)
                 first = 0
+            if whole_pass and not yielded:  # it would wait forever for a batch
+                names = [self.shard_set.shards[j].name for j in shards]
+                raise DistilleryError(f"{self.shard_set.root or 'pipe:'}: a whole pass over shards {', '.join(names[:4])}"
+                                      f"{', ...' if len(names) > 4 else ''} gave no usable sample (every row invalid "
+                                      "in the cache, or no image decodes)")
             slot, epoch = 0, epoch + 1
 
     def _emissions(self, shard_id: int, epoch: int, count: int) -> list[tuple[int, int]]:

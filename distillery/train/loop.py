@@ -120,6 +120,9 @@ def _usable_store(url: str, config: TrainConfig, shard_set: ShardSet, first: Cac
     if not store.is_complete:
         raise CacheError(f"{url} is incomplete ({len(store.completed_shards())}/{store.num_shards} shards); "
                          "finish it by re-running cache-teachers")
+    if store.manifest["completion"]["num_valid"] == 0:
+        raise CacheError(f"{url} has no valid row: every image is undecodable or has a non-finite teacher output "
+                         f"({store.manifest['completion'].get('invalid_by_cause', {})})")
     if store.cls_only:
         raise CacheError(f"{url} holds CLS tokens only; {config.method} needs patch tokens too")
     if first is not None:  # stores are joined row by row: each must have drawn the same views of the same images
