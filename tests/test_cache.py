@@ -251,3 +251,50 @@ def test_rows_that_are_not_finite_as_stored_are_invalid_and_zero(tmp_path):
     kept = a.tokens.cls[[0, 3]].half().double()
     assert buffer.moments[("a", "cls")].count == 2
     assert np.allclose(buffer.moments[("a", "cls")].mean, kept.mean(0).numpy())
+
+
+def test_a_disk_that_fills_during_caching_is_one_line_and_resumes_cleanly(tiny_synth, teacher_specs, tiny_cache, tmp_path,
+                                                                          monkeypatch):
+    """No loop mount or tmpfs here: the Zarr write of the second image shard raises ENOSPC part-way through."""
+    import errno
+
+    import zarr
+
+    out = tmp_path / "full.zarr"
+    write, calls = zarr.Array.__setitem__, []
+
+    def filling(self, selection, value):
+        calls.append(1)
+        if len(calls) == 15:  # part-way through the second shard's 11 arrays
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", filling)
+    config = CacheConfig(tuple(teacher_specs), views=2, workers=0)
+    with pytest.raises(CacheError, match=r"writing image shard train-000001.tar failed \(No space left on device\); "
+                                         "it is not marked complete"):
+        cache_teachers(str(tiny_synth / "train"), str(out), config, show_progress=False)
+    store = CacheStore.open(str(out))
+    assert store.completed_shards() == {0} and not store.is_complete
+    monkeypatch.setattr(zarr.Array, "__setitem__", write)  # space freed
+    assert cache_teachers(str(tiny_synth / "train"), str(out), config, show_progress=False)["complete"]
+    assert _tree(out) == _tree(tiny_cache)
+
+
+def test_a_second_writer_of_a_store_is_refused_and_the_lock_dies_with_a_killed_holder(tiny_synth, teacher_specs, tmp_path):
+    """Another process holds the store's lock: this run refuses in one line naming it; once that process is
+    killed with SIGKILL, the lock is gone with it and the run goes ahead."""
+    out = tmp_path / "locked.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distillery.cache.writer import WriterLock\n"
+                               f"with WriterLock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)"],
+                              env=_cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = CacheConfig(tuple(teacher_specs), views=1, workers=0)
+        with pytest.raises(CacheError, match=rf"is being written by another cache-teachers run \(pid {holder.pid} on "):
+            cache_teachers(str(tiny_synth / "train"), str(out), config, show_progress=False)
+        assert not out.exists()  # refused before anything was created
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cache_teachers(str(tiny_synth / "train"), str(out), config, show_progress=False)["complete"]

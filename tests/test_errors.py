@@ -23,6 +23,11 @@ def _write(path, values):
     return str(path)
 
 
+def _text(path, text):
+    path.write_text(text)
+    return str(path)
+
+
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypatch, capsys):
     # method errors must come before anything is built: teachers that do not exist are never reached
     never_built = ["--teacher", "local-dir:/nowhere", "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r")]
@@ -49,6 +54,15 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypa
         "flip_p must be a probability, got 2": ["cache-teachers", "--data", str(tiny_synth / "train"), "--teacher", "x",
                                                 "--out", str(tmp_path / "c.zarr"),
                                                 "--view-config", _write(tmp_path / "p.yaml", {"flip_p": 2})],
+        "epochs must be int, got 'ten'": ["train", "--config", _write(tmp_path / "e.yaml", {"method": "unic", "epochs": "ten"}),
+                                          *never_built],
+        "lr must be float, got '1e-3'": ["train", "--config", _text(tmp_path / "l.yaml", 'method: unic\nlr: "1e-3"\n'),
+                                         *never_built],
+        "full: no .tar shards here": ["train", "--config", _write(tmp_path / "n.yaml", {"method": "unic"}), "--data",
+                                      str(full), "--cache", str(tmp_path), "--out", str(tmp_path / "n")],
+        "not a distillery cache (no manifest.json)": ["train", "--config", _write(tmp_path / "m.yaml", {"method": "unic"}),
+                                                      "--data", str(tiny_synth / "train"), "--cache", str(full),
+                                                      "--out", str(tmp_path / "m")],
     }
     for message, argv in cases.items():
         code, lines = run_cli(argv, monkeypatch, capsys)
@@ -76,12 +90,13 @@ def test_project_configs_resolve_from_any_working_directory(tmp_path, monkeypatc
 
 
 class _RunsCode:
-    """A pickle that would call os.system when loaded with full unpickling."""
+    """A pickle that would run code when loaded with full unpickling: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
 
     def __reduce__(self):
-        import os
-
-        return os.system, ("echo pwned",)
+        return open, (str(self.marker), "w")
 
 
 def test_a_pytorch_model_bin_local_dir_loads_and_a_code_running_pickle_is_refused(tmp_path):
@@ -104,9 +119,10 @@ def test_a_pytorch_model_bin_local_dir_loads_and_a_code_running_pickle_is_refuse
     images = torch.randn(2, 3, 32, 32)
     safe, binary = (create_teacher(f"local-dir:{tmp_path / d}", "cpu") for d in ("safe", "bin"))
     assert torch.equal(safe(images).cls, binary(images).cls)
-    torch.save({**state, "extra": _RunsCode()}, tmp_path / "bin" / "pytorch_model.bin")
+    torch.save({**state, "extra": _RunsCode(tmp_path / "code-ran")}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(DistilleryError, match="holds more than tensors .loading it would run code."):
         create_teacher(f"local-dir:{tmp_path / 'bin'}", "cpu")
+    assert not (tmp_path / "code-ran").exists()
 
 
 def test_errors_inside_dataloader_workers_are_the_original_one_line(tmp_path, tiny_synth, teacher_specs, monkeypatch,
@@ -143,3 +159,15 @@ def test_eval_skips_and_counts_an_image_that_does_not_decode(tmp_path, teacher_s
     assert features.keys == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/0.jpg", "b/2.jpg"]
     assert features.labels.tolist() == [0, 0, 0, 1, 1] and len(features.features) == 5
     assert "skipped 1 of 6 images that do not decode (first: " in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, monkeypatch, capsys):
+    import torch
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"format": "distillery-checkpoint/1", "model": _RunsCode(marker)},
+               tmp_path / "run" / "checkpoints" / "step-00000001.pt")
+    code, lines = run_cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "student")], monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1 and "not a readable checkpoint" in lines[0], lines
+    assert not marker.exists() and not (tmp_path / "student").exists()

@@ -182,3 +182,35 @@ def test_pipe_commands_load_the_same_samples_as_the_directory(synth_dir):
     broken = ShardSet("", one.shards, (f"pipe:cat {synth_dir}/no-such/train-000000.tar",))  # a command that fails
     with pytest.raises(ShardError, match="no-such/train-000000.tar"):
         list(broken.records(0))
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_stray_members_are_skipped_and_counted(synth_dir, tmp_path, where):
+    """README.txt, notes.txt and macOS's __MACOSX/._ files in a shard are not samples: reading skips them, with
+    the index or without it, and a pass over the tars counts them."""
+    import io
+    import shutil
+    import tarfile
+
+    from distillery.data.shards import INDEX_FILE, describe
+
+    copy = tmp_path / "train"
+    shutil.copytree(synth_dir / "train", copy)
+    path = copy / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    strays = [("README.txt", b"about these shards"), ("notes.txt", b"x"), ("__MACOSX/._train_0000150.jpg", b"\0" * 64)]
+    at = {"start": 0, "middle": len(members) // 2 - (len(members) // 2) % 3, "end": len(members)}[where]
+    with tarfile.open(path, "w") as tar:
+        for name, data in [(m.name, d) for m, d in members[:at]] + strays + [(m.name, d) for m, d in members[at:]]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = ShardSet.open(synth_dir / "train")
+    expected = [r.key for r in whole.records(1)]
+    assert [r.key for r in ShardSet.open(copy).records(1)] == expected  # with the index
+    (copy / INDEX_FILE).unlink()
+    scanned = ShardSet.open(copy)
+    assert scanned.fingerprint() == whole.fingerprint() and scanned.shards[1].strays == 3
+    assert [r.key for r in scanned.records(1)] == expected
+    assert describe(scanned)["stray members skipped"] == 3

@@ -447,13 +447,18 @@ class CacheStore:
         """Write a shard's whole slot block of every array, then its completion record (one per added teacher
         when `teachers` names an addition)."""
         block = slice(shard_id * self.slots, (shard_id + 1) * self.slots)
-        for name, values in arrays.items():
-            if "/moments/" in name:
-                self.group[name][shard_id] = values
-            else:
-                self.group[name][block] = values
-        for teacher in teachers or [None]:
-            self.files.write(f"{self._records(teacher)}/{shard_id:06d}.json", record)
+        try:
+            for name, values in arrays.items():
+                if "/moments/" in name:
+                    self.group[name][shard_id] = values
+                else:
+                    self.group[name][block] = values
+            for teacher in teachers or [None]:
+                self.files.write(f"{self._records(teacher)}/{shard_id:06d}.json", record)
+        except OSError as error:  # a full disk, a lost mount: the shard has no record, so a re-run redoes it
+            raise CacheError(f"{self.url}: writing image shard {self.shard_names[shard_id]} failed "
+                             f"({error.strerror or error}); it is not marked complete, and re-running the same "
+                             "command resumes from it") from error
 
     # -- reading
 

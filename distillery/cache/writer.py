@@ -10,7 +10,10 @@ often it was interrupted and however many ranks wrote it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -19,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
+import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 
 from distillery.cache.stats import Moments, mean_and_m2
 from distillery.cache.store import (DTYPES, MANIFEST, CacheError, CacheStore, SideFiles, as_json, as_stored_array,
@@ -399,13 +404,55 @@ def stage_rates(counts: dict[str, int], seconds: dict[str, float]) -> str:
                       else f"{stage} ..." for stage in seconds)
 
 
+class WriterLock:
+    """One cache-teachers run per store: its rank 0 holds an advisory lock (flock) on `<store>.lock` beside the
+    store for the whole run, which the kernel releases when the process ends, however it ends (kill -9
+    included); the file says who holds it. Only local (and NFS-style) file systems have such locks; a store on
+    an object store (s3://, gs://) is not guarded, and the ranks of one run share their rank 0's lock."""
+
+    def __init__(self, url: str):
+        fs, path = fsspec.core.url_to_fs(url)
+        self.path = f"{path.rstrip('/')}.lock" if isinstance(fs, LocalFileSystem) else None
+        self.url, self.file = url, None
+
+    def __enter__(self) -> WriterLock:
+        if self.path is None:
+            return self
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CacheError(f"{self.url} is being written by another cache-teachers run ({owner}); wait for it to "
+                             "end, or stop it (its lock goes with its process)") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *error) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
 def cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool = False, add: bool = False,
                    rank: int | None = None, world_size: int | None = None, device: str | None = None,
                    show_progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the cache of `config.teachers` over the shards in `data`, or with `add` add them to
-    the finished store `out` (see `addition_config`); returns a summary."""
+    the finished store `out` (see `addition_config`); returns a summary. Rank 0 holds the store's WriterLock."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    with WriterLock(out) if rank == 0 else contextlib.nullcontext():
+        return _cache_teachers(data, out, config, overwrite, add, rank, world_size, device, show_progress)
+
+
+def _cache_teachers(data: str, out: str, config: CacheConfig, overwrite: bool, add: bool, rank: int, world_size: int,
+                    device: str | None, show_progress: bool) -> dict[str, Any]:
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

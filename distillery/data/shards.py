@@ -25,7 +25,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from distillery.errors import DistilleryError
 from distillery.files import partial_path, publish, write_atomic
@@ -53,6 +53,7 @@ class ShardInfo:
     keys_sha256: str
     min_size: tuple[int, int] | None = None  # (width, height) of the smallest image, when known
     max_size: tuple[int, int] | None = None
+    strays: int = 0  # member groups that are not samples (README.txt, __MACOSX/...), skipped; counted by a scan
 
 
 class Record(NamedTuple):
@@ -64,6 +65,16 @@ class Record(NamedTuple):
     label: int | None
     meta: dict[str, Any]
     shard: str
+
+
+SAMPLE_EXTENSIONS = (*IMAGE_EXTENSIONS, "cls", "json")
+
+
+def is_stray(key: str, extensions: Iterable[str]) -> bool:
+    """Whether a tar's member group is not a sample: no image, label or metadata file (README.txt,
+    notes.txt), or macOS's metadata (`__MACOSX/`, `._name`, whose webdataset key ends at the slash). Strays
+    are skipped wherever shards are read, and counted where a pass over the tars counts samples."""
+    return key.endswith("/") or "__MACOSX" in key.split("/") or not set(extensions) & set(SAMPLE_EXTENSIONS)
 
 
 def keys_sha256(keys: Iterable[str]) -> str:
@@ -140,20 +151,26 @@ def _label_files(location: str | None) -> tuple[tuple[str, ...] | None, dict[str
 
 
 def _scan_shard(url: str, name: str) -> ShardInfo:
-    """Count a shard's samples from its tar headers (no image is decoded; a pipe is read through once)."""
-    keys: list[str] = []
+    """Count a shard's samples from its tar headers (no image is decoded; a pipe is read through once);
+    stray members (`is_stray`) are not samples, and are counted apart."""
+    groups: list[tuple[str, set[str]]] = []
     stream = open_shard(url)
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*" if url.startswith("pipe:") else "r:*") as tar:
             for member in tar:
                 if not member.isreg():
                     continue
-                key = member.name.split(".", 1)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
+                key, extension = base_plus_ext(member.name)
+                if key is None:
+                    groups.append((member.name, set()))
+                elif groups and groups[-1][0] == key:
+                    groups[-1][1].add(extension)
+                else:
+                    groups.append((key, {extension}))
     except (tarfile.TarError, OSError) as error:
         raise ShardError(f"{url}: not a readable tar file ({_reason(error)})") from error
-    return ShardInfo(name=name, count=len(keys), keys_sha256=keys_sha256(keys))
+    keys = [key for key, extensions in groups if not is_stray(key, extensions)]
+    return ShardInfo(name=name, count=len(keys), keys_sha256=keys_sha256(keys), strays=len(groups) - len(keys))
 
 
 def _indexed_shards(location: str) -> tuple[ShardInfo, ...] | None:
@@ -278,7 +295,10 @@ class ShardSet:
         position = -1
         try:
             with open_shard(url) as stream:
-                for position, sample in enumerate(group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))):
+                samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+                kept = (sample for sample in samples
+                        if not is_stray(sample["__key__"], (k for k in sample if not k.startswith("__"))))
+                for position, sample in enumerate(kept):
                     yield _record(sample, self.offsets[shard_id] + position, shard.name)
         except (tarfile.TarError, ValueError, OSError) as error:
             raise ShardError(f"{url}: truncated or corrupt after {position + 1} of its {shard.count} "
@@ -349,7 +369,7 @@ class ShardWriter:
             write_atomic(self.root / CLASSES_FILE, json.dumps(list(classes), indent=1))
         if factors:
             write_atomic(self.root / FACTORS_FILE, json.dumps(factors, indent=1))
-        index = {"format": INDEX_FORMAT, "shards": [asdict(s) for s in self.shards]}
+        index = {"format": INDEX_FORMAT, "shards": [{k: v for k, v in asdict(s).items() if k != "strays"} for s in self.shards]}
         write_atomic(self.root / INDEX_FILE, json.dumps(index, indent=1))
         return self.shards
 
@@ -408,4 +428,5 @@ def describe(shard_set: ShardSet, progress: Callable[[int], None] | None = None)
         "min_size": min(sizes, key=area) if sizes else None,
         "max_size": max(sizes, key=area) if sizes else None,
         "indexed": shard_set.indexed,
+        **({"stray members skipped": sum(s.strays for s in shard_set.shards)} if not shard_set.indexed else {}),
     }
