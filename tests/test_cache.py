@@ -193,8 +193,11 @@ def test_cache_cli_info_and_verify(cache_dir, synth_dir):
                                        capture_output=True, text=True)
     info = run("cache", "info", str(cache_dir))
     assert info.returncode == 0 and "teacher_a (dim 48, grid 8x8" in info.stdout and "4/4" in info.stdout
-    good = run("cache", "verify", str(cache_dir), "--data", str(synth_dir / "train"), "--recompute", "2")
+    good = run("cache", "verify", str(cache_dir), "--data", str(synth_dir / "train"), "--recompute", "4")
     assert good.returncode == 0, good.stdout + good.stderr
+    text = " ".join(good.stdout.replace("│", " ").split())  # the table's wrapped cells, read on
+    assert "4 rows over 4 of 4 shards" in text  # spread over every shard
+    assert "one image is found with probability 1.0%" in text  # 4 of 400 rows
     wrong_data = run("cache", "verify", str(cache_dir), "--data", str(synth_dir / "val"))
     assert wrong_data.returncode == 1 and "NO" in wrong_data.stdout
     missing = run("cache", "info", str(cache_dir.parent / "nothing.zarr"))

@@ -497,3 +497,35 @@ def test_a_teacher_that_outputs_nan_is_never_silent(tiny_synth, teacher_specs, n
                          teacher_views=TeacherViews(1, 0, ViewConfig(), stores=((str(out), ("teacher_a",)),)))
     with pytest.raises(DistilleryError, match="a whole pass over shards .* gave no usable sample"):
         next(iter(stream))
+
+
+def test_a_cache_of_shards_whose_images_changed_under_the_same_keys_is_refused(tiny_synth, tiny_cache, tmp_path):
+    """Two images re-encoded, keys unchanged, the shards and their index rewritten: the member sizes in the
+    fingerprint see it without reading an image, and train and cache verify name the shard."""
+    import io
+
+    from PIL import Image
+
+    from distillery.cache.verify import verify_store
+    from distillery.data.shards import ShardSet, ShardWriter
+
+    source = ShardSet.open(tiny_synth / "train")
+    writer = ShardWriter(tmp_path / "train", shard_size=32, prefix="train")
+    for shard in range(len(source)):
+        for position, record in enumerate(source.records(shard)):
+            data = record.image_bytes
+            if shard == 1 and position in (3, 17):
+                buffer = io.BytesIO()
+                with Image.open(io.BytesIO(data)) as image:
+                    image.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buffer, "JPEG", quality=70)
+                data = buffer.getvalue()
+            writer.write(record.key, data, "jpg", record.label, record.meta)
+    writer.close(list(source.classes), {name: list(values) for name, values in source.factors.items()})
+    changed = ShardSet.open(tmp_path / "train")
+    assert changed.fingerprint()["keys_sha256"] == source.fingerprint()["keys_sha256"]  # the keys alone see nothing
+    with pytest.raises(CacheError, match=r"built from other data than .*: shard train-000001.tar has other sample files"):
+        Trainer(_config(tiny_synth, tmp_path / "run", "unic", cache=str(tiny_cache), data=str(tmp_path / "train")),
+                DistInfo())
+    checks = {name: (ok, detail) for name, ok, detail in verify_store(CacheStore.open(str(tiny_cache)),
+                                                                        str(tmp_path / "train"))["checks"]}
+    assert checks["data matches the manifest"] == (False, "shard train-000001.tar has other sample files (names or sizes)")

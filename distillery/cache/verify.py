@@ -10,7 +10,7 @@ import torch
 
 from distillery.cache.store import CacheError, CacheStore, invalid_by_cause, storage_tolerance
 from distillery.cache.writer import pool_patches
-from distillery.data.shards import ShardSet, decode_image
+from distillery.data.shards import ShardSet, decode_image, fingerprint_differences
 from distillery.data.views import ViewConfig, draw_view, normalize, replay
 from distillery.models.teachers import create_teacher
 
@@ -61,8 +61,9 @@ def verify_store(store: CacheStore, data: str, recompute: int = 0, seed: int = 0
               else "every shard is written, but the store was not marked complete (a refused or unfinished run)")
     checks.append(("all shards complete", not missing and store.is_complete, detail))
     shard_set = ShardSet.open(data)
-    fingerprint_ok = shard_set.fingerprint() == store.identity["dataset"]
-    checks.append(("data matches the manifest", fingerprint_ok, str(data)))
+    changed = fingerprint_differences(store.identity["dataset"], shard_set.fingerprint())
+    fingerprint_ok = changed is None
+    checks.append(("data matches the manifest", fingerprint_ok, str(data) if fingerprint_ok else changed))
     mismatched, nonfinite = [], []
     for shard_id in sorted(store.completed_shards()):
         block = store.read_block(shard_id, view=None)
@@ -108,17 +109,13 @@ def _recompute(store: CacheStore, shard_set: ShardSet, count: int, seed: int) ->
     for teacher, layout in zip(teachers, store.teachers, strict=True):
         if teacher.fingerprint() != layout.fingerprint:
             return ("recomputed rows agree", False, f"teacher {layout.spec} is not the one that wrote the store")
-    rng = np.random.default_rng(seed)
-    shard_ids = sorted(store.completed_shards())
     worst, checked = 0.0, 0
     tolerance = storage_tolerance(store.dtype)
     if store.identity["storage"]["forward_precision"] != "float32":
         tolerance += 2**-6  # the store was written under bf16 autocast; this check recomputes in float32
-    for _ in range(count):
-        shard_id = int(rng.choice(shard_ids))
-        records = list(shard_set.records(shard_id))
-        record = records[int(rng.integers(len(records)))]
-        view = int(rng.integers(store.num_views))
+    picks = _spread_rows(store, count, seed)
+    for record, view in ((r, v) for shard_id, rows in picks.items()
+                         for r, v in zip(_records_at(shard_set, shard_id, [p for p, _ in rows]), [v for _, v in rows])):
         stored = store.read_rows([record.index], [view])
         if not stored["valid"][0]:
             continue
@@ -140,5 +137,37 @@ def _recompute(store: CacheStore, shard_set: ShardSet, count: int, seed: int) ->
                 worst = max(worst, float(((saved - value).abs() / scale).max()))
         checked += 1
     ok = worst <= tolerance
-    return ("recomputed rows agree", ok, f"{checked} rows, worst error {worst:.2e} of the token's max |x| "
-                                         f"(tolerance {tolerance:.2e} for {store.dtype})")
+    return ("recomputed rows agree", ok, f"{checked} rows over {len(picks)} of {store.num_shards} shards, worst error "
+                                         f"{worst:.2e} of the token's max |x| (tolerance {tolerance:.2e} for "
+                                         f"{store.dtype}); {detection(store.num_samples, checked)}")
+
+
+def _spread_rows(store: CacheStore, count: int, seed: int) -> dict[int, list[tuple[int, int]]]:
+    """`count` (position, view) rows drawn across every shard in turn (a random order of the shards, then
+    positions without replacement within each), so that K >= shards reaches every shard."""
+    rng = np.random.default_rng(seed)
+    order = [int(j) for j in rng.permutation(sorted(store.completed_shards()))]
+    wanted = {j: 0 for j in order}
+    for k in range(min(count, store.num_samples)):
+        wanted[order[k % len(order)]] += 1
+    return {j: [(int(p), int(rng.integers(store.num_views)))
+                for p in rng.choice(store.counts[j], size=min(n, store.counts[j]), replace=False)]
+            for j, n in wanted.items() if n}
+
+
+def _records_at(shard_set: ShardSet, shard_id: int, positions: list[int]) -> list:
+    records = list(shard_set.records(shard_id))
+    return [records[p] for p in positions]
+
+
+def detection(num_samples: int, checked: int) -> str:
+    """How likely `checked` rows drawn without replacement are to include a changed image, when one image or 1%
+    of them changed (hypergeometric: 1 - C(N - m, K) / C(N, K))."""
+    def found(changed: int) -> float:
+        missed = 1.0
+        for i in range(checked):
+            missed *= max(num_samples - changed - i, 0) / (num_samples - i)
+        return 1 - missed
+
+    return (f"a change to one image is found with probability {found(1):.1%}, to 1% of them with "
+            f"{found(max(1, num_samples // 100)):.1%}")

@@ -33,7 +33,7 @@ from distillery.cache.store import (DTYPES, MANIFEST, CacheError, CacheStore, Si
                                     decode, encode_tensor, identity_differences)
 from distillery.console import console, progress_bar
 from distillery.data.pipeline import shard_loader, shard_records, shards_for
-from distillery.data.shards import ImageDecodeError, ShardSet, decode_image
+from distillery.data.shards import ImageDecodeError, ShardSet, decode_image, fingerprint_differences
 from distillery.data.views import NUM_PARAMS, ViewConfig, draw_view, normalize, replay
 from distillery.models.teachers import Teacher, create_teacher
 
@@ -336,7 +336,9 @@ def _open_or_create(url: str, identity: dict, overwrite: bool, rank: int, world_
 def _check_identity(url: str, stored: dict, wanted: dict,
                     refusal: str = "was built with other settings; refusing to extend it (use --overwrite to rebuild, "
                                    "or another --out)") -> None:
-    differences = identity_differences(stored, wanted)
+    changed = fingerprint_differences(stored["dataset"], wanted["dataset"])
+    differences = ([f"dataset: {changed}"] if changed else []) + identity_differences(
+        {k: v for k, v in stored.items() if k != "dataset"}, {k: v for k, v in wanted.items() if k != "dataset"})
     if differences:
         raise CacheError(f"{url} {refusal}. Differences: " + "; ".join(differences[:6])
                          + (f"; and {len(differences) - 6} more" if len(differences) > 6 else ""))

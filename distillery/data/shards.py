@@ -54,6 +54,8 @@ class ShardInfo:
     min_size: tuple[int, int] | None = None  # (width, height) of the smallest image, when known
     max_size: tuple[int, int] | None = None
     strays: int = 0  # member groups that are not samples (README.txt, __MACOSX/...), skipped; counted by a scan
+    bytes: int | None = None  # the tar's size (unknown for a pipe)
+    members_sha256: str | None = None  # a hash of every sample member's name and size, in tar order
 
 
 class Record(NamedTuple):
@@ -151,9 +153,10 @@ def _label_files(location: str | None) -> tuple[tuple[str, ...] | None, dict[str
 
 
 def _scan_shard(url: str, name: str) -> ShardInfo:
-    """Count a shard's samples from its tar headers (no image is decoded; a pipe is read through once);
-    stray members (`is_stray`) are not samples, and are counted apart."""
-    groups: list[tuple[str, set[str]]] = []
+    """Count a shard's samples from its tar headers (no image is decoded; a pipe is read through once), with
+    the sizes that let a fingerprint see changed content; stray members (`is_stray`) are not samples, and are
+    counted apart."""
+    groups: list[tuple[str, set[str], list[str]]] = []  # key, its extensions, "name<TAB>size" of its members
     stream = open_shard(url)
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*" if url.startswith("pipe:") else "r:*") as tar:
@@ -161,16 +164,54 @@ def _scan_shard(url: str, name: str) -> ShardInfo:
                 if not member.isreg():
                     continue
                 key, extension = base_plus_ext(member.name)
+                entry = f"{member.name}\t{member.size}\n"
                 if key is None:
-                    groups.append((member.name, set()))
+                    groups.append((member.name, set(), [entry]))
                 elif groups and groups[-1][0] == key:
                     groups[-1][1].add(extension)
+                    groups[-1][2].append(entry)
                 else:
-                    groups.append((key, {extension}))
+                    groups.append((key, {extension}, [entry]))
     except (tarfile.TarError, OSError) as error:
         raise ShardError(f"{url}: not a readable tar file ({_reason(error)})") from error
-    keys = [key for key, extensions in groups if not is_stray(key, extensions)]
-    return ShardInfo(name=name, count=len(keys), keys_sha256=keys_sha256(keys), strays=len(groups) - len(keys))
+    samples = [(key, entries) for key, extensions, entries in groups if not is_stray(key, extensions)]
+    keys = [key for key, _ in samples]
+    members = hashlib.sha256("".join(entry for _, entries in samples for entry in entries).encode())
+    size = None
+    if not url.startswith("pipe:"):
+        fs, path = fsspec.core.url_to_fs(url)
+        size = int(fs.size(path))
+    return ShardInfo(name=name, count=len(keys), keys_sha256=keys_sha256(keys), strays=len(groups) - len(keys),
+                     bytes=size, members_sha256=members.hexdigest())
+
+
+def _current(indexed: ShardInfo, url: str, size: int) -> ShardInfo:
+    """An index entry, or a fresh scan of its shard when the tar's size is no longer the one the index
+    recorded (a shard rewritten after its index: its samples, keys and sizes are then read from it)."""
+    return indexed if indexed.bytes in (None, size) else _scan_shard(url, indexed.name)
+
+
+def fingerprint_differences(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between the data a fingerprint describes (`stored`, e.g. a cache's) and `current`, naming the
+    first shard that differs; None when they agree on everything both record (a fingerprint taken before
+    sizes were recorded, or of pipes, whose byte sizes are unknown, has fewer things to compare)."""
+    if stored["shards"] != current["shards"]:
+        gone = [s for s in stored["shards"] if s not in current["shards"]]
+        new = [s for s in current["shards"] if s not in stored["shards"]]
+        return f"other shards (missing {gone[:3]}, not in the fingerprint {new[:3]})" if gone or new else "shards in another order"
+    # Byte sizes are recorded but not compared: a stray member (a README added to a tar) changes them and no
+    # sample, and any change to a sample's files shows in the member hash.
+    for key, what in (("counts", "sample count"), ("members_sha256", "sample files (names or sizes)")):
+        if key in stored and key in current:
+            changed = [i for i, (a, b) in enumerate(zip(stored[key], current[key], strict=True)) if a != b]
+            if changed:
+                first = changed[0]
+                return (f"shard {stored['shards'][first]} has other {what}"
+                        + (f" ({stored[key][first]} -> {current[key][first]})" if key == "counts" else "")
+                        + (f", and {len(changed) - 1} more shards" if len(changed) > 1 else ""))
+    if stored["keys_sha256"] != current["keys_sha256"]:
+        return "the sample keys differ"
+    return None
 
 
 def _indexed_shards(location: str) -> tuple[ShardInfo, ...] | None:
@@ -182,7 +223,8 @@ def _indexed_shards(location: str) -> tuple[ShardInfo, ...] | None:
     if index.get("format") != INDEX_FORMAT:
         raise ShardError(f"{join_url(location, INDEX_FILE)}: unknown index format {index.get('format')!r}, "
                          f"expected {INDEX_FORMAT}")
-    return tuple(ShardInfo(s["name"], s["count"], s["keys_sha256"], _size(s.get("min_size")), _size(s.get("max_size")))
+    return tuple(ShardInfo(s["name"], s["count"], s["keys_sha256"], _size(s.get("min_size")), _size(s.get("max_size")),
+                           bytes=s.get("bytes"), members_sha256=s.get("members_sha256"))
                  for s in index["shards"])
 
 
@@ -218,7 +260,9 @@ class ShardSet:
         fs, path = fsspec.core.url_to_fs(spec)
         if not fs.isdir(path):
             raise ShardError(f"{spec}: no such shard directory")
-        tars = sorted(os.path.basename(p) for p in fs.glob(f"{path.rstrip('/')}/*.tar"))
+        sizes = {os.path.basename(entry["name"]): int(entry["size"]) for entry in fs.ls(path, detail=True)
+                 if entry["name"].endswith(".tar") and entry["type"] == "file"}  # one listing, no read
+        tars = sorted(sizes)
         if not tars:
             raise ShardError(f"{spec}: no .tar shards here")
         urls = tuple(join_url(spec, name) for name in tars)
@@ -231,6 +275,7 @@ class ShardSet:
             extra = sorted(set(tars) - set(listed))
             raise ShardError(f"{join_url(spec, INDEX_FILE)}: index does not match the .tar files (missing: {missing}, "
                              f"not indexed: {extra})")
+        shards = tuple(_current(shard, url, sizes[shard.name]) for shard, url in zip(shards, urls))
         return cls(spec, shards, urls, *_label_files(spec), indexed=True)
 
     @classmethod
@@ -249,7 +294,8 @@ class ShardSet:
         root = directories[0]
         names = [url.rsplit("/", 1)[-1] for url in urls]
         indexed = {s.name: s for s in _indexed_shards(root) or ()}
-        shards = tuple(indexed.get(name) or _scan_shard(url, name) for url, name in zip(urls, names))
+        shards = tuple(_current(indexed[name], url, int(fs.size(fsspec.core.url_to_fs(url)[1]))) if name in indexed
+                       else _scan_shard(url, name) for url, name in zip(urls, names))
         return cls(root, shards, tuple(urls), *_label_files(root), indexed=all(name in indexed for name in names))
 
     @property
@@ -260,13 +306,20 @@ class ShardSet:
         return len(self.shards)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this data for a cache manifest: names, counts and keys, not paths."""
-        return {
+        """What identifies this data for a cache manifest, not where it lies: names, counts and keys, and where
+        every shard has them, each tar's byte size and a hash of its members' names and sizes (so that an
+        image re-encoded under the same key is seen without reading any image)."""
+        fingerprint: dict[str, Any] = {
             "shards": [s.name for s in self.shards],
             "counts": [s.count for s in self.shards],
             "num_samples": self.num_samples,
             "keys_sha256": keys_sha256(s.keys_sha256 for s in self.shards),
         }
+        if all(s.bytes is not None for s in self.shards):
+            fingerprint["bytes"] = [s.bytes for s in self.shards]
+        if all(s.members_sha256 is not None for s in self.shards):
+            fingerprint["members_sha256"] = [s.members_sha256 for s in self.shards]
+        return fingerprint
 
     def label_names(self, label: str = CLASS_LABEL) -> tuple[str, ...] | None:
         """The names of a label's values: the classes for `class`, else a factor's values (factors.json)."""
@@ -395,10 +448,12 @@ class ShardWriter:
         self._writer = None
         publish(self._partial_path(), self.root / self._name())
         sizes = self._sizes or None
+        scanned = _scan_shard(str(self.root / self._name()), self._name())  # its headers: the sizes a fingerprint holds
         self.shards.append(ShardInfo(
             name=self._name(), count=len(self._keys), keys_sha256=keys_sha256(self._keys),
             min_size=min(sizes, key=lambda s: s[0] * s[1]) if sizes else None,
             max_size=max(sizes, key=lambda s: s[0] * s[1]) if sizes else None,
+            bytes=scanned.bytes, members_sha256=scanned.members_sha256,
         ))
 
 

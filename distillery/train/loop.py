@@ -23,7 +23,7 @@ from torch import nn
 
 from distillery.cache.store import CacheError, CacheStore, identity_differences
 from distillery.console import console, is_main_process, progress_bar
-from distillery.data.shards import ShardSet
+from distillery.data.shards import ShardSet, fingerprint_differences
 from distillery.data.views import ViewConfig, normalize
 from distillery.errors import DistilleryError
 from distillery.models.students import Student, initial_student, load_init
@@ -115,8 +115,10 @@ def _setup_teachers(config: TrainConfig, method_cls: type[Method], shard_set: Sh
 def _usable_store(url: str, config: TrainConfig, shard_set: ShardSet, first: CacheStore | None) -> CacheStore:
     """A complete store of patch tokens for these shards; beside the `first` one, under the same views."""
     store = CacheStore.open(url)
-    if store.identity["dataset"] != shard_set.fingerprint():
-        raise CacheError(f"{url} was built from other data than {config.data} (shard names, counts or keys differ)")
+    changed = fingerprint_differences(store.identity["dataset"], shard_set.fingerprint())
+    if changed:
+        raise CacheError(f"{url} was built from other data than {config.data}: {changed}; rebuild the cache, or "
+                         "train on the data it was built from")
     if not store.is_complete:
         raise CacheError(f"{url} is incomplete ({len(store.completed_shards())}/{store.num_shards} shards); "
                          "finish it by re-running cache-teachers")
