@@ -301,3 +301,15 @@ def test_a_second_writer_of_a_store_is_refused_and_the_lock_dies_with_a_killed_h
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert cache_teachers(str(tiny_synth / "train"), str(out), config, show_progress=False)["complete"]
+
+
+@pytest.mark.slow
+def test_the_kill_soak_resumes_a_killed_cache_and_a_killed_run_to_identical_results(tmp_path):
+    """benchmarks/kill_soak.py with N = 2 (BENCHMARKS.md records a run with N = 50): one cache-teachers and one
+    train, each killed with SIGKILL part-way and resumed, equal to the same job run once."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from kill_soak import soak
+
+    results = soak(2, seed=0, work=tmp_path)
+    assert [(r["job"], r["mode"]) for r in results] == [("cache", "single"), ("train", "single")]
+    assert all(r["identical"] for r in results), results

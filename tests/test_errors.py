@@ -29,11 +29,16 @@ def _text(path, text):
 
 
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypatch, capsys):
+    import shutil
+
     # method errors must come before anything is built: teachers that do not exist are never reached
     never_built = ["--teacher", "local-dir:/nowhere", "--data", str(tiny_synth / "train"), "--out", str(tmp_path / "r")]
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("someone else's")
+    emptied = tmp_path / "emptied"
+    shutil.copytree(tiny_synth / "train", emptied)
+    (emptied / "train-000001.tar").write_bytes(b"")  # an empty shard behind its index
     cases = {
         "--size must be at least 16 px, got 8": ["data", "synth", "--out", str(tmp_path / "s"), "--size", "8"],
         "v.yaml: unknown key 'bogus'": ["cache-teachers", "--data", str(tiny_synth / "train"), "--teacher", "x",
@@ -60,6 +65,9 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, tiny_synth, monkeypa
                                          *never_built],
         "full: no .tar shards here": ["train", "--config", _write(tmp_path / "n.yaml", {"method": "unic"}), "--data",
                                       str(full), "--cache", str(tmp_path), "--out", str(tmp_path / "n")],
+        "train-000001.tar: not a readable tar file (empty file)": [
+            "train", "--config", _write(tmp_path / "t.yaml", {"method": "supervised"}), "--data", str(emptied),
+            "--out", str(tmp_path / "t"), "--workers", "2"],
         "not a distillery cache (no manifest.json)": ["train", "--config", _write(tmp_path / "m.yaml", {"method": "unic"}),
                                                       "--data", str(tiny_synth / "train"), "--cache", str(full),
                                                       "--out", str(tmp_path / "m")],

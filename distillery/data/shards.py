@@ -131,7 +131,7 @@ def _reason(error: BaseException) -> str:
     a tar error, into the exception's arguments."""
     text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
     exit_status = re.search(r": exit (\d+) \(read\)", text)
-    return f"its command exited with status {exit_status[1]}" if exit_status else text.split(" @ ")[0]
+    return f"its command exited with status {exit_status[1]}" if exit_status else text.split(" @ ")[0].splitlines()[0]
 
 
 def _pipe_name(command: str) -> str:
@@ -159,7 +159,7 @@ def _scan_shard(url: str, name: str) -> ShardInfo:
     groups: list[tuple[str, set[str], list[str]]] = []  # key, its extensions, "name<TAB>size" of its members
     stream = open_shard(url)
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*" if url.startswith("pipe:") else "r:*") as tar:
+        with stream, tarfile.open(fileobj=stream, mode="r|" if url.startswith("pipe:") else "r:") as tar:
             for member in tar:
                 if not member.isreg():
                     continue
