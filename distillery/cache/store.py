@@ -395,8 +395,9 @@ class CacheStore:
         if self.adding:
             if any(len(self.completed_shards(t.name)) < self.num_shards for t in self.adding):
                 return False
+        entries = self.invalid_rows(teachers=self.teachers + self.adding)  # what the store holds once finalized
         if max_invalid is not None:
-            self.check_invalid(max_invalid, self.invalid_rows(teachers=self.teachers + self.adding))
+            self.check_invalid(max_invalid, entries)
         if self.adding:
             added = self.manifest["adding"]
             identity = {**self.identity, "teachers": self.identity["teachers"] + added}
@@ -405,7 +406,6 @@ class CacheStore:
                              "own_valid": sorted(self.own_valid | {t["name"] for t in added})}
             self.identity, self.own_valid = identity, set(self.manifest["own_valid"])
             self.teachers, self.adding = self.teachers + self.adding, []
-        entries = self.invalid_rows()
         completion = {"num_valid": self.num_samples - len(entries), "num_invalid": len(entries), "invalid": entries,
                       "invalid_by_cause": invalid_by_cause(entries),
                       "stats": {t.name: self._stats_summary(t) for t in self.teachers}}

@@ -79,9 +79,10 @@ def verify_store(store: CacheStore, data: str, recompute: int = 0, seed: int = 0
     checks.append(("stored keys match the images", not mismatched, f"mismatch in {mismatched[:5]}" if mismatched else "all rows"))
     checks.append(("no NaN/Inf in valid rows", not nonfinite, ", ".join(nonfinite[:5]) if nonfinite else "all arrays"))
     if not missing:
+        entries = store.invalid_rows()
         try:
-            store.check_invalid(max_invalid, store.invalid_rows())
-            causes = invalid_by_cause(store.invalid_rows())
+            store.check_invalid(max_invalid, entries)
+            causes = invalid_by_cause(entries)
             checks.append(("teachers' invalid rows within --max-invalid", True,
                            ", ".join(f"{cause}: {n}" for cause, n in causes.items()) or "none"))
         except CacheError as error:

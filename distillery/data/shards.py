@@ -142,10 +142,8 @@ def _pipe_name(command: str) -> str:
     return tars[0]
 
 
-def _label_files(location: str | None) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]]]:
+def _label_files(location: str) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]]]:
     """The class names (classes.json) and factor values (factors.json) a shard directory records."""
-    if location is None:
-        return None, {}
     classes = _read_text(join_url(location, CLASSES_FILE))
     factors = _read_text(join_url(location, FACTORS_FILE))
     return (tuple(json.loads(classes)) if classes is not None else None,
@@ -288,14 +286,15 @@ class ShardSet:
         if len(directories) > 1:
             raise ShardError(f"{spec}: the shards of one set lie in one directory; these are in {', '.join(directories)}")
         fs, _ = fsspec.core.url_to_fs(urls[0])
-        missing = [url for url in urls if not fs.isfile(fsspec.core.url_to_fs(url)[1])]
+        paths = [fsspec.core.url_to_fs(url)[1] for url in urls]
+        missing = [url for url, path in zip(urls, paths) if not fs.isfile(path)]
         if missing:
             raise ShardError(f"{missing[0]}: no such shard ({len(missing)} of the {len(urls)} that {spec} names are missing)")
         root = directories[0]
         names = [url.rsplit("/", 1)[-1] for url in urls]
         indexed = {s.name: s for s in _indexed_shards(root) or ()}
-        shards = tuple(_current(indexed[name], url, int(fs.size(fsspec.core.url_to_fs(url)[1]))) if name in indexed
-                       else _scan_shard(url, name) for url, name in zip(urls, names))
+        shards = tuple(_current(indexed[name], url, int(fs.size(path))) if name in indexed else _scan_shard(url, name)
+                       for url, path, name in zip(urls, paths, names))
         return cls(root, shards, tuple(urls), *_label_files(root), indexed=all(name in indexed for name in names))
 
     @property
