@@ -654,11 +654,16 @@ def eval_clustering(
 
 
 @eval_app.command("suite")
-def eval_suite(config: Annotated[Path, typer.Argument(help="Suite YAML: models, data, tasks, settings, out (see configs/eval_synth.yaml).")]) -> None:
-    """Several tasks for several models; writes OUT/<model>/<task>.json and the comparison OUT/summary.md + .json."""
+def eval_suite(
+    config: Annotated[Path, typer.Argument(help="Suite YAML: models, data, tasks, settings, out (see configs/eval_synth.yaml).")],
+    recompute: Annotated[bool, typer.Option(help="Recompute every result, even those whose model, data and settings "
+                                                 "are those recorded in their file.")] = False,
+) -> None:
+    """Several tasks for several models; writes OUT/<model>/<task>.json and the comparison OUT/summary.md + .json.
+    A result whose inputs (model weights, data files, settings) are unchanged is reused."""
     from distillery.evaluate.suite import run_suite
 
-    run_suite(config)
+    run_suite(config, recompute=recompute)
 
 
 teachers_app = typer.Typer(help="Choose teachers before distilling.", no_args_is_help=True)

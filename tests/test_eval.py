@@ -1,6 +1,7 @@
 """The evaluation runners end to end on the small embedded set: the suite, its feature cache, the commands."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +54,37 @@ def test_suite_writes_every_result_and_a_rerun_reuses_the_features(tmp_path, syn
     monkeypatch.setattr("distillery.evaluate.features._compute", no_forward)
     again = run_suite(_suite_file(tmp_path, synth_dir, teacher_specs), show_progress=False)
     assert again.rows == summary.rows
+
+
+def test_a_rerun_reuses_results_whose_inputs_are_unchanged_and_recomputes_the_rest(tmp_path, synth_dir, teacher_specs,
+                                                                                    monkeypatch):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(synth_dir / split, data / split)
+    path = _suite_file(tmp_path, data, teacher_specs, tasks=["knn", "linear"],
+                       data={"train": str(data / "train"), "val": str(data / "val")})
+    first = run_suite(path, show_progress=False)
+    calls = []
+
+    def counted(task, run):
+        def counting(model, *args):
+            calls.append((model.name, task))
+            return run(model, *args)
+        return counting
+
+    for task in ("knn", "linear"):
+        monkeypatch.setitem(suite_module.SINGLE_MODEL_TASKS, task, counted(task, suite_module.SINGLE_MODEL_TASKS[task]))
+    assert run_suite(path, show_progress=False).rows == first.rows and calls == []
+    run_suite(_suite_file(tmp_path, data, teacher_specs, tasks=["knn", "linear"], settings={**LIGHT_SETTINGS, "knn": {"ks": [5, 10, 20]}},
+                          data={"train": str(data / "train"), "val": str(data / "val")}), show_progress=False)
+    assert calls == [("a", "knn"), ("b", "knn")]  # the changed settings only
+    calls.clear()
+    (data / "val" / "notes.txt").write_text("a file beside the shards changes the data's bytes\n")
+    assert run_suite(path, show_progress=False).rows == first.rows
+    assert sorted(calls) == [("a", "knn"), ("a", "linear"), ("b", "knn"), ("b", "linear")]
+    calls.clear()
+    run_suite(path, show_progress=False, recompute=True)
+    assert len(calls) == 4
 
 
 def test_cached_features_are_recomputed_when_the_model_changes(tmp_path, synth_dir, teacher_specs):
@@ -171,6 +203,8 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setattr("distillery.train.loop.train", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("distillery.cache.writer.cache_teachers", lambda *a, **k: pytest.fail("cached again"))
     monkeypatch.setattr("distillery.evaluate.features._compute", lambda *a, **k: pytest.fail("features recomputed"))
+    for task in suite_module.SINGLE_MODEL_TASKS:
+        monkeypatch.setitem(suite_module.SINGLE_MODEL_TASKS, task, lambda *a, **k: pytest.fail("evaluated again"))
     assert demo.run_demo(loaded).read_text() == text
 
     record = json.loads((shipped / demo.PROVENANCE).read_text())

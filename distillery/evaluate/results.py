@@ -37,11 +37,19 @@ class TaskResult:
     columns: tuple[str, ...]  # the rich table printed for it (not saved)
     rows: list[tuple[Any, ...]]
     tensors: dict[str, Any] | None = None  # weights a later task reuses (the linear probe), saved beside the JSON
+    inputs_sha256: str | None = None  # what decided it (the suite's key: model, data bytes, settings), for reuse
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"inputs_sha256": self.inputs_sha256} if self.inputs_sha256 else {}
         return jsonable({"task": self.task, "models": self.models, "data": self.data, "settings": self.settings,
                          "metrics": self.metrics, "distillery_version": distillery.__version__,
-                         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TaskResult:
+        """A result read back from its file (its printed table is not kept)."""
+        return cls(values["task"], values["models"], values["data"], values["settings"], values["metrics"], (), [],
+                   inputs_sha256=values.get("inputs_sha256"))
 
     def title(self) -> str:
         return f"{self.task}: {', '.join(self.models)}"

@@ -18,17 +18,24 @@ Suite config (paths relative to the working directory; `configs/eval_synth.yaml`
 with the task's settings otherwise, into OUT/<model>/knn-pattern.json. It writes OUT/<model>/<task>.json,
 OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
 columns: kNN top-1 at k=20, linear top-1, retrieval Medium/Hard mAP, OOD AUROC and FPR@95 per group).
-Features are cached under OUT/<model>/features, so a re-run reuses them.
+Features are cached under OUT/<model>/features, and each result file keeps a hash of what decided it (the
+model's fingerprint, the bytes of every data file the suite names, the task's settings, the distillery
+version, and for robustness the probe it scores), so a re-run reuses every result whose inputs are unchanged
+and recomputes the rest (`recompute=True`, `eval suite --recompute`, recomputes all).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+import distillery
 
 from distillery.config import check_keys, read_yaml
 from distillery.console import console, print_table
@@ -40,8 +47,9 @@ from distillery.evaluate.features import (Extraction, Features, default_device, 
 from distillery.files import write_atomic
 from distillery.evaluate.robustness import COLUMNS as ROBUSTNESS_COLUMNS
 from distillery.evaluate.robustness import SETS as ROBUSTNESS_SETS
+from distillery.evaluate.robustness import probe_path
 from distillery.evaluate.results import (RESULTS_DIR, MetricPath, TaskResult, davis_score, default_path, knn_top1,
-                                        linear_top1, ood_metric, percent, retrieval_map, save_result,
+                                        labelled_task, linear_top1, ood_metric, percent, retrieval_map, save_result,
                                         segmentation_score, write_json)
 from distillery.evaluate.tasks import (ANY_SIZE_TASKS, SETTINGS, SINGLE_MODEL_TASKS, TASKS, CkaSettings, EvalData,
                                        EvalModel, RetrievalData, TransferSet, cka_features, cka_task, settings_from_dict)
@@ -246,14 +254,57 @@ class SuiteSummary:
     json: Path
 
 
-def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> SuiteSummary:
+def data_sha256(data: EvalData) -> str | None:
+    """A hash of the name, size and bytes of every file under every local path `data` names (the probes apart,
+    which the robustness key covers itself); None when a path is not a local file or directory (a URL)."""
+    roots = [data.train, data.val, *data.ood.values(), data.retrieval.root if data.retrieval else None,
+             *data.extra.values(), *data.extra_classes.values(), data.cka, data.davis, data.segmentation,
+             *data.robustness.values(), *(p for t in data.transfer.values() for p in (t.train, t.val))]
+    digest = hashlib.sha256()
+    for root in sorted({str(r) for r in roots if r is not None}):
+        path = Path(root)
+        if not path.exists():
+            return None
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"{file}\0{file.stat().st_size}\0".encode())
+            with open(file, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def inputs_sha256(entry: str, model: EvalModel, settings: Any, data: str, probes: Path | None) -> str:
+    """The key a result is reused by: task, model fingerprint, settings, data bytes, version (and the probe
+    robustness scores, which the same suite's linear task may just have retrained)."""
+    task, label = split_task(entry)
+    probe = None
+    if task == "robustness" and probes is not None:
+        path = probe_path(probes, model.name, settings.label)
+        probe = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    key = {"task": entry, "model": model.teacher.fingerprint(), "settings": dataclasses.asdict(settings), "data": data,
+           "probe": probe, "version": distillery.__version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reusable_result(path: Path, key: str) -> TaskResult | None:
+    """The result at `path` when it was computed from the inputs `key` names, else None."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return TaskResult.from_json(values) if isinstance(values, dict) and values.get("inputs_sha256") == key else None
+
+
+def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True, recompute: bool = False) -> SuiteSummary:
     """Every task for every model, one model loaded at a time; then CKA across models and the summary.
-    `config` is a SuiteConfig or the path of a suite YAML file."""
+    `config` is a SuiteConfig or the path of a suite YAML file. A result whose inputs are those of its file on
+    disk is read back instead of recomputed, unless `recompute`."""
     if not isinstance(config, SuiteConfig):
         config = read_suite_config(config)
     for task in config.tasks:
         config.data.require(split_task(task)[0])
     device = config.device or default_device()
+    data = None if recompute else data_sha256(config.data)
     results: dict[str, dict[str, TaskResult]] = {}
     cka_inputs: dict[str, Features] = {}
     models: dict[str, dict[str, Any]] = {}
@@ -267,8 +318,15 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True) -> S
                 cka_inputs[name] = cka_features(model, config.data.cka or config.data.val, extraction)
                 models.update(model.describe())
                 continue
-            result = SINGLE_MODEL_TASKS[split_task(task)[0]](model, config.data, task_settings(config, task), extraction)
-            save_result(result, default_path(name, result.task, config.out))
+            settings, path = task_settings(config, task), default_path(name, labelled_task(*split_task(task)), config.out)
+            key = inputs_sha256(task, model, settings, data, config.data.probes) if data else None
+            result = reusable_result(path, key) if key else None
+            if result is not None:
+                console.print(f"reusing {path} (model, data and settings unchanged)")
+            else:
+                result = SINGLE_MODEL_TASKS[split_task(task)[0]](model, config.data, settings, extraction)
+                result.inputs_sha256 = key
+                save_result(result, path)
             results[name][task] = result
     cka_result = None
     if cka_inputs:
