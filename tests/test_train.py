@@ -200,9 +200,14 @@ def test_the_convolutional_stem_vit_is_a_timm_model_that_round_trips_through_loc
     from distillery.models.students import export_local_dir, initial_student
     from distillery.models.teachers import create_teacher
 
-    student = initial_student("vit_convstem_tiny_patch4_32", {}, seed=0)
+    from distillery.models.convstem import ResidualBlock
+
+    student = initial_student("vit_convstem_tiny_patch4_32", {"stem_blocks": 1}, seed=0)
     assert student.grid == (8, 8) and student.is_vit and student.model.dynamic_img_size
-    assert isinstance(student.model.patch_embed.proj, torch.nn.Sequential)  # stride-2 convs, not one patchify conv
+    stem = student.model.patch_embed.proj
+    assert isinstance(stem, torch.nn.Sequential)  # stride-2 convs, not one patchify conv
+    assert [type(m) for m in stem if isinstance(m, (torch.nn.Conv2d, ResidualBlock))] == [
+        torch.nn.Conv2d, ResidualBlock, torch.nn.Conv2d, ResidualBlock, torch.nn.Conv2d]  # a block after each stride
     export_local_dir(student, tmp_path / "model")
     teacher = create_teacher(f"local-dir:{tmp_path / 'model'}")
     images = torch.rand(2, 3, 32, 32)

@@ -5,12 +5,16 @@ The stem replaces the patchify convolution with stride-2 3x3 convolutions (Group
 patch size, then a 1x1 projection to the width; the rest is timm's VisionTransformer. Xiao et al. find
 this optimises faster and more stably at the same cost, which is what a from-scratch student needs on a
 few thousand 32-px images in a CPU budget: the embedded world's students use `vit_convstem_tiny_patch4_32`
-(an 8 x 8 token grid at 32 px). timm has no such stem for small patch sizes (its hybrids stride 16 or 32).
+(an 8 x 8 token grid at 32 px). `stem_blocks=N` adds N residual blocks after each stride-2 convolution, a
+hybrid stem in the manner of timm's ResNet-ViT hybrids; the demo's students take one (BENCHMARKS.md, "The
+embedded world", measures what it buys). timm has no such stem for small patch sizes (its hybrids stride
+16 or 32).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
@@ -21,10 +25,26 @@ from torch import nn
 from distillery.config import ConfigError
 
 
-class ConvStemPatchEmbed(PatchEmbed):
-    """timm's PatchEmbed with its projection replaced by a convolutional stem of the same total stride."""
+class ResidualBlock(nn.Module):
+    """ResNet's basic block (two 3x3 convolutions and the identity) with GroupNorm, at a fixed width."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, **kwargs):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.GroupNorm(1, width),
+                                  nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                  nn.GroupNorm(1, width))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(x + self.body(x))
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed with its projection replaced by a convolutional stem of the same total stride, with
+    `stem_blocks` residual blocks after each stride-2 convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, stem_blocks: int = 0,
+                 **kwargs):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, bias=bias,
                          **kwargs)
         stride = self.patch_size[0]
@@ -36,6 +56,7 @@ class ConvStemPatchEmbed(PatchEmbed):
             width = max(16, embed_dim // 2 ** (steps - 1 - step))
             layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, width),
                        nn.ReLU(inplace=True)]
+            layers += [ResidualBlock(width) for _ in range(stem_blocks)]
             channels = width
         layers.append(nn.Conv2d(channels, embed_dim, 1, bias=bias))
         self.proj = nn.Sequential(*layers)
@@ -50,9 +71,9 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+def _create(variant: str, pretrained: bool = False, stem_blocks: int = 0, **kwargs) -> VisionTransformer:
     return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                embed_layer=ConvStemPatchEmbed, **kwargs)
+                                embed_layer=partial(ConvStemPatchEmbed, stem_blocks=stem_blocks), **kwargs)
 
 
 @register_model
