@@ -1,15 +1,15 @@
 """`distillery demo`: the whole pipeline on the embedded data, from nothing to a report, on a CPU.
 
-synth data -> two teachers trained here (`supervised` and `dino`, exported as local-dir models) -> one cache
-of both -> students (UNIC, SeFA, TinTeM from one teacher and from both) -> evaluation suite -> report. A
-random-init baseline (the dino teacher's architecture, untrained) is evaluated beside them, so the report shows
-what training bought.
+synth data -> two shipped teachers (checked against their provenance records; `make teachers` retrains them)
+-> one cache of both -> students (UNIC and SeFA from both; UNIC, TinTeM and Proteus from one) and the same
+student trained alone on labels -> evaluation suite -> report. A random-init baseline (the students'
+architecture, untrained) is evaluated beside them, so the report shows what training bought.
 
 Every step writes files and is skipped when its files are complete, so a second run only re-reads them:
 the synth directory appears only when whole (staged), a model counts as done once its export holds
 `model.safetensors` (an interrupted training run is resumed from its newest checkpoint), `cache-teachers`
 resumes or checks a finished store itself, and the evaluation reuses every feature file whose fingerprint
-still matches. What runs is described by a YAML file (configs/demo.yaml); the steps call the same
+still matches and every result whose model, data and settings are unchanged. What runs is described by a YAML file (configs/demo.yaml); the steps call the same
 functions as the commands a user would type, so the demo is also a worked example of them.
 """
 
