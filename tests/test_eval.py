@@ -85,6 +85,8 @@ def test_a_rerun_reuses_results_whose_inputs_are_unchanged_and_recomputes_the_re
     calls.clear()
     run_suite(path, show_progress=False, recompute=True)
     assert len(calls) == 4
+    calls.clear()
+    assert run_suite(path, show_progress=False).rows == first.rows and calls == []  # recomputed results keep their key
 
 
 def test_cached_features_are_recomputed_when_the_model_changes(tmp_path, synth_dir, teacher_specs):

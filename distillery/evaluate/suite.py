@@ -304,7 +304,7 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True, reco
     for task in config.tasks:
         config.data.require(split_task(task)[0])
     device = config.device or default_device()
-    data = None if recompute else data_sha256(config.data)
+    data = data_sha256(config.data)
     results: dict[str, dict[str, TaskResult]] = {}
     cka_inputs: dict[str, Features] = {}
     models: dict[str, dict[str, Any]] = {}
@@ -320,7 +320,7 @@ def run_suite(config: SuiteConfig | str | Path, show_progress: bool = True, reco
                 continue
             settings, path = task_settings(config, task), default_path(name, labelled_task(*split_task(task)), config.out)
             key = inputs_sha256(task, model, settings, data, config.data.probes) if data else None
-            result = reusable_result(path, key) if key else None
+            result = reusable_result(path, key) if key and not recompute else None
             if result is not None:
                 console.print(f"reusing {path} (model, data and settings unchanged)")
             else:
