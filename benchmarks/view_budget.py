@@ -24,7 +24,7 @@ from pathlib import Path
 
 import distillery  # noqa: F401  (registers the torchvision op schemas timm needs)
 
-from distillery.apps.demo import DemoConfig, ModelRun, _with_overrides
+from distillery.apps.demo import DemoConfig, ModelRun, with_overrides
 from distillery.cache.store import CacheStore
 from distillery.cache.writer import CacheConfig, cache_teachers
 from distillery.evaluate.features import Extraction
@@ -56,7 +56,7 @@ def trained(synth: Path, out: Path, method: str, store: str, views: int, epochs:
     if (model / "model.safetensors").exists():
         return model, 0.0
     overrides = {"epochs": epochs, **({"cache_teachers": ["shape_cnn"]} if method in SINGLE_TEACHER else {})}
-    config = _with_overrides(ModelRun(name, str(ROOT / "configs" / f"{method}_synth.yaml"), overrides), out)
+    config = with_overrides(ModelRun(name, str(ROOT / "configs" / f"{method}_synth.yaml"), overrides), out)
     run = out / "runs" / name
     tick = time.perf_counter()
     train({"data": str(synth / "train"), "out": str(run), "cache": store}, config)

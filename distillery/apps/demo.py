@@ -9,8 +9,9 @@ Every step writes files and is skipped when its files are complete, so a second 
 the synth directory appears only when whole (staged), a model counts as done once its export holds
 `model.safetensors` (an interrupted training run is resumed from its newest checkpoint), `cache-teachers`
 resumes or checks a finished store itself, and the evaluation reuses every feature file whose fingerprint
-still matches and every result whose model, data and settings are unchanged. What runs is described by a YAML file (configs/demo.yaml); the steps call the same
-functions as the commands a user would type, so the demo is also a worked example of them.
+still matches and every result whose model, data and settings are unchanged. What runs is described by a
+YAML file (configs/demo.yaml); the steps call the same functions as the commands a user would type, so the
+demo is also a worked example of them.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def train_shipped_teachers(config: DemoConfig, only: tuple[str, ...] = ()) -> li
     written = []
     for run in shipped:
         run_dir, out = config.work / "runs" / run.name, project_path(run.shipped)
-        recipe = _with_overrides(run, config.work)
+        recipe = with_overrides(run, config.work)
 
         def train_and_export() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)  # always the whole recipe from step 0: the result is its seed's
@@ -286,7 +287,7 @@ def _trained(steps: Steps, run: ModelRun, work: Path, data: str, extra: dict[str
     def train_and_export() -> None:
         resume = bool(ckpt.list_checkpoints(run_dir)) if run_dir.exists() else False
         values = {} if resume else {"data": data, "out": str(run_dir), **extra}
-        train(values, None if resume else _with_overrides(run, work), resume=resume)
+        train(values, None if resume else with_overrides(run, work), resume=resume)
         export_run(run_dir, export_dir, ema=run.ema, overwrite=True)  # a step left unfinished is redone
 
     steps.run(f"train {run.name} ({run.config}) -> {export_dir}", (export_dir / "model.safetensors").exists(),
@@ -303,7 +304,7 @@ def _untrained(steps: Steps, name: str, train_config: str, work: Path) -> str:
     return f"local-dir:{export_dir}"
 
 
-def _with_overrides(run: ModelRun, work: Path) -> Path:
+def with_overrides(run: ModelRun, work: Path) -> Path:
     """The run's config file with the demo's overrides merged in (nested sections merged key by key)."""
 
     values = read_yaml(run.config)

@@ -37,7 +37,7 @@ class TaskResult:
     columns: tuple[str, ...]  # the rich table printed for it (not saved)
     rows: list[tuple[Any, ...]]
     tensors: dict[str, Any] | None = None  # weights a later task reuses (the linear probe), saved beside the JSON
-    inputs_sha256: str | None = None  # what decided it (the suite's key: model, data bytes, settings), for reuse
+    inputs_sha256: str | None = None  # what decided it (the suite's key: model, data files, settings), for reuse
 
     def to_json(self) -> dict[str, Any]:
         extra = {"inputs_sha256": self.inputs_sha256} if self.inputs_sha256 else {}

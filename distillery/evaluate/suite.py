@@ -19,7 +19,7 @@ with the task's settings otherwise, into OUT/<model>/knn-pattern.json. It writes
 OUT/cka.json + cka.png, and OUT/summary.json + summary.md (rows: models;
 columns: kNN top-1 at k=20, linear top-1, retrieval Medium/Hard mAP, OOD AUROC and FPR@95 per group).
 Features are cached under OUT/<model>/features, and each result file keeps a hash of what decided it (the
-model's fingerprint, the bytes of every data file the suite names, the task's settings, the distillery
+model's fingerprint, the name, size and time of every data file the suite names, the task's settings, the
 version, and for robustness the probe it scores), so a re-run reuses every result whose inputs are unchanged
 and recomputes the rest (`recompute=True`, `eval suite --recompute`, recomputes all).
 """
@@ -255,8 +255,10 @@ class SuiteSummary:
 
 
 def data_sha256(data: EvalData) -> str | None:
-    """A hash of the name, size and bytes of every file under every local path `data` names (the probes apart,
-    which the robustness key covers itself); None when a path is not a local file or directory (a URL)."""
+    """A hash of the name, size and modification time of every file under every local path `data` names (the
+    probes apart, which the robustness key covers itself); None when a path is not a local file or directory
+    (a URL). Stat, not bytes, as make does: any rewrite moves the time, and an ImageNet-sized set is not read
+    again for every suite run."""
     roots = [data.train, data.val, *data.ood.values(), data.retrieval.root if data.retrieval else None,
              *data.extra.values(), *data.extra_classes.values(), data.cka, data.davis, data.segmentation,
              *data.robustness.values(), *(p for t in data.transfer.values() for p in (t.train, t.val))]
@@ -267,18 +269,16 @@ def data_sha256(data: EvalData) -> str | None:
             return None
         files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
         for file in files:
-            digest.update(f"{file}\0{file.stat().st_size}\0".encode())
-            with open(file, "rb") as handle:
-                digest.update(hashlib.file_digest(handle, "sha256").digest())
+            stat = file.stat()
+            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()
 
 
 def inputs_sha256(entry: str, model: EvalModel, settings: Any, data: str, probes: Path | None) -> str:
     """The key a result is reused by: task, model fingerprint, settings, data bytes, version (and the probe
     robustness scores, which the same suite's linear task may just have retrained)."""
-    task, label = split_task(entry)
     probe = None
-    if task == "robustness" and probes is not None:
+    if split_task(entry)[0] == "robustness" and probes is not None:
         path = probe_path(probes, model.name, settings.label)
         probe = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
     key = {"task": entry, "model": model.teacher.fingerprint(), "settings": dataclasses.asdict(settings), "data": data,
