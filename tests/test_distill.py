@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.cache.store import CacheError, CacheStore
+from distillery.config import ConfigError
 from distillery.errors import DistilleryError
 from distillery.models.teachers import Tokens
 from distillery.train.config import TrainConfig
@@ -126,7 +127,38 @@ def test_sefa_is_dino_at_lambda_1_and_pure_distillation_at_lambda_0(ssl_weight):
         assert out["loss"].item() == pytest.approx(reference.item(), rel=1e-6)
     else:
         assert out["loss"].item() == pytest.approx(out["distill"].item(), rel=1e-6)
-        assert out["loss"].item() == pytest.approx(sefa.distill_loss(student, batch)[0].item(), rel=1e-6)
+        assert out["loss"].item() == pytest.approx(sefa.distill_loss(student(batch["student"]), batch)[0].item(), rel=1e-6)
+
+
+def test_sefa_shared_view_makes_the_cached_view_dinos_first_global_crop_with_one_student_forward_fewer():
+    student, batch = _fixed_batch()
+    student.eval()  # no drop-path: the two ways of computing the same tokens agree
+    settings = {"head_hidden_dim": 32, "dino": TINY_DINO}
+    torch.manual_seed(1)
+    separate = create_method("sefa", settings, _context())
+    torch.manual_seed(1)
+    shared = create_method("sefa", {**settings, "shared_view": True}, _context())
+    assert [c.count for c in separate.sample_spec().crops] == [2, 2]
+    assert [c.count for c in shared.sample_spec().crops] == [1, 2]  # the data stream draws one global crop less
+    from distillery.train.ema import ModelEma
+
+    ema = ModelEma(torch.nn.ModuleDict({"backbone": student, "head": shared.objective.head})).module
+    forwards = []
+    hook = student.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
+    shared_batch = {**batch, "crops/global": batch["crops/global"][:, 1:]}
+    out = shared(student, shared_batch, 0, ema)
+    hook.remove()
+    assert forwards == [8, 8]  # the cached view with the second global crop, then the local crops (was 4, 8, 8)
+    distill, _ = separate.distill_loss(student(batch["student"]), batch)
+    assert out["distill"].item() == pytest.approx(distill.item(), rel=1e-5)
+    first_global = {**batch, "crops/global": torch.cat([batch["student"][:, None], batch["crops/global"][:, 1:]], 1)}
+    dino_loss_same_crops, _, _ = separate.objective(student, first_global, 0, ema)
+    assert out["dino"].item() == pytest.approx(dino_loss_same_crops.item(), rel=1e-5)
+
+
+def test_sefa_shared_view_needs_dino_as_its_ssl_objective():
+    with pytest.raises(ConfigError, match="shared_view needs ssl: dino"):
+        create_method("sefa", {"ssl": "ibot", "shared_view": True}, _context())
 
 
 def test_sne_loss_vanishes_under_orthogonal_maps_only():

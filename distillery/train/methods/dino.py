@@ -21,6 +21,7 @@ from torch import nn
 
 from distillery.config import check_keys
 from distillery.data.views import ViewConfig
+from distillery.models.students import StudentOutput
 from distillery.train.data import CropSpec, SampleSpec
 from distillery.train.distributed import all_reduce_mean
 from distillery.train.methods import Method, MethodContext, register_method
@@ -107,7 +108,9 @@ class DinoObjective(nn.Module):
         self.register_buffer("center", torch.zeros(config.out_dim))
         self._pending_center: torch.Tensor | None = None
 
-    def crop_specs(self) -> tuple[CropSpec, ...]:
+    def crop_specs(self, first_global_given: bool = False) -> tuple[CropSpec, ...]:
+        """The crops the data stream draws; with `first_global_given` only the second global crop (the caller
+        hands `forward` the first)."""
         c, size = self.config, self.context.student_size
         patch = size[0] // self.context.student_grid[0]
         local = c.local_size or max(patch, round(size[0] * 96 / 224 / patch) * patch)
@@ -115,7 +118,8 @@ class DinoObjective(nn.Module):
         global_1 = ViewConfig(scale=c.global_scale, blur_p=1.0, solarize_p=0.0, **base)
         global_2 = ViewConfig(scale=c.global_scale, blur_p=0.1, solarize_p=0.2, **base)
         local_view = ViewConfig(scale=c.local_scale, blur_p=0.5, solarize_p=0.0, **base)
-        crops = [CropSpec("global", 2, size, (global_1, global_2))]
+        globals_ = (global_2,) if first_global_given else (global_1, global_2)
+        crops = [CropSpec("global", len(globals_), size, globals_)]
         if c.local_crops:
             crops.append(CropSpec("local", c.local_crops, (local, local), (local_view,)))
         return tuple(crops)
@@ -128,10 +132,15 @@ class DinoObjective(nn.Module):
     def ema_momentum(self, step: int) -> float:
         return warmup_cosine(step, self.context.total_steps, self.config.momentum_teacher, 1.0)
 
-    def forward(self, student: nn.Module, batch: dict, step: int, ema: nn.Module) -> tuple[torch.Tensor, dict]:
-        """The DINO loss and its collapse diagnostics."""
+    def forward(self, student: nn.Module, batch: dict, step: int, ema: nn.Module,
+                first_global: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, StudentOutput]:
+        """The DINO loss, its collapse diagnostics, and the student's tokens of the global crops (crop-major).
+        `first_global` [B, 3, H, W], when given, is the first global crop (the batch then holds only the second)."""
         globals_ = _crop_major(batch["crops/global"])
-        student_cls = [student(globals_).cls]
+        if first_global is not None:
+            globals_ = torch.cat([first_global, globals_])
+        student_globals = student(globals_)
+        student_cls = [student_globals.cls]
         if "crops/local" in batch:
             student_cls.append(student(_crop_major(batch["crops/local"])).cls)
         batch_size = batch["crops/global"].shape[0]
@@ -144,7 +153,7 @@ class DinoObjective(nn.Module):
         # log(out_dim), dimension collapse drives it to 0; the KL is what the student still has to learn.
         probs = F.softmax((teacher_out.detach() - self.center) / self.teacher_temp(step), dim=-1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        return loss, {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
+        return loss, {"teacher_entropy": entropy, "kl": loss.detach() - entropy}, student_globals
 
     def before_optimizer_step(self, step: int) -> None:
         if step < self.config.freeze_last_layer_epochs * self.context.steps_per_epoch:
@@ -198,5 +207,5 @@ class Dino(DinoHooks, Method):
         return SampleSpec(crops=self.objective.crop_specs())
 
     def forward(self, student, batch, step, ema):
-        loss, metrics = self.objective(student, batch, step, ema)
+        loss, metrics, _ = self.objective(student, batch, step, ema)
         return {"loss": loss, self.name: loss.detach(), **metrics}

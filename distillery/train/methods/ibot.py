@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.config import ConfigError
+from distillery.models.students import StudentOutput
 from distillery.train.distributed import all_reduce_mean
 from distillery.train.methods import MethodContext, register_method
 from distillery.train.methods.dino import (Dino, DinoConfig, DinoHead, DinoObjective, _crop_major, dino_loss,
@@ -160,7 +161,8 @@ class IbotObjective(DinoObjective):
         warmup = int(c.warmup_teacher_temp_epochs * self.context.steps_per_epoch)
         return warmup_constant(step, c.teacher_patch_temp, warmup, c.warmup_teacher_patch_temp)
 
-    def forward(self, student: nn.Module, batch: dict, step: int, ema: nn.Module) -> tuple[torch.Tensor, dict]:
+    def forward(self, student: nn.Module, batch: dict, step: int, ema: nn.Module) -> tuple[torch.Tensor, dict, StudentOutput]:
+        """As DINO's (its global crops are masked, so none is given from outside)."""
         c = self.config
         globals_ = _crop_major(batch["crops/global"])
         batch_size = batch["crops/global"].shape[0]
@@ -187,7 +189,7 @@ class IbotObjective(DinoObjective):
         patch_loss = ibot_patch_loss(student_patch, teacher_patch, masks.to(student_patch.device, non_blocking=True),
                                      self.center2, c.student_temp, self.teacher_patch_temp(step))
         loss = c.lambda1 * cls_loss + c.lambda2 * patch_loss
-        return loss, {"ibot_cls": cls_loss.detach(), "ibot_patch": patch_loss.detach()}
+        return loss, {"ibot_cls": cls_loss.detach(), "ibot_patch": patch_loss.detach()}, student_global
 
     def before_optimizer_step(self, step: int) -> None:
         if step < self.config.freeze_last_layer_epochs * self.context.steps_per_epoch:

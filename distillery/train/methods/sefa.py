@@ -10,6 +10,11 @@ patch averaged (CLS only as an option), no teacher dropping. Distillation heads 
 DINO part is the `dino` method's objective unchanged (EMA copy of student + DINO head, 2 global + L local
 crops). The distillation input is the cached view, replayed at the student's size as one more student
 forward; the DINO crops are drawn on the fly from the same decoded image (README: how they relate).
+
+`shared_view: true` (not the paper's method, so not the default) makes the cached view DINO's first global
+crop instead: one forward of the global crops serves both losses, one student forward of B images fewer per
+step. That crop then has the cache's augmentation instead of DINO's first-global recipe (blur always, DINO's
+colour jitter), for the EMA teacher too. BENCHMARKS.md, "SeFA's shared view", measures what it costs and saves.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from distillery.config import ConfigError, from_mapping
+from distillery.models.students import StudentOutput
 from distillery.train.data import SampleSpec
 from distillery.train.methods import Method, MethodContext, register_method
 from distillery.train.methods.dino import DinoConfig, DinoHooks, DinoObjective
@@ -37,6 +43,7 @@ class SefaConfig:
     ssl: str = "dino"  # the SSL objective: dino, or ibot (SeFA Table 1 compares both)
     dino: dict = field(default_factory=dict)  # DinoConfig settings of the SSL part (ssl: dino)
     ibot: dict = field(default_factory=dict)  # IbotConfig settings of the SSL part (ssl: ibot)
+    shared_view: bool = False  # the cached view is DINO's first global crop (one student forward fewer)
 
     def __post_init__(self) -> None:
         if not 0 <= self.ssl_weight <= 1:
@@ -46,6 +53,9 @@ class SefaConfig:
         unused = "ibot" if self.ssl == "dino" else "dino"
         if getattr(self, unused):
             raise ConfigError(f"sefa: a {unused}: section with ssl: {self.ssl} would be ignored")
+        if self.shared_view and self.ssl != "dino":
+            raise ConfigError("sefa shared_view needs ssl: dino (iBOT masks the student's global crops, which the "
+                              "distillation loss must see whole)")
         # checked with the rest of the section, before anything is built
         from_mapping(SSL_OBJECTIVES[self.ssl][0], getattr(self, self.ssl), self.ssl)
 
@@ -77,11 +87,11 @@ class Sefa(DinoHooks, Method):
             for t in context.teachers)
 
     def sample_spec(self) -> SampleSpec:
-        return SampleSpec(teacher_view=True, crops=self.objective.crop_specs())
+        return SampleSpec(teacher_view=True, crops=self.objective.crop_specs(first_global_given=self.config.shared_view))
 
-    def distill_loss(self, student, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = student(batch["student"])
-        tokens = {"cls": out.cls, "patch": out.patch}
+    def distill_loss(self, tokens: StudentOutput, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_distill of the student's tokens of the cached view."""
+        tokens = {"cls": tokens.cls, "patch": tokens.patch}
         total, metrics = 0.0, {}
         for teacher, heads in zip(self.context.teachers, self.heads, strict=True):
             name = teacher.name
@@ -94,7 +104,12 @@ class Sefa(DinoHooks, Method):
         return total, metrics
 
     def forward(self, student, batch, step, ema):
-        distill, metrics = self.distill_loss(student, batch)
-        ssl, ssl_metrics = self.objective(student, batch, step, ema)
+        if self.config.shared_view:
+            ssl, ssl_metrics, globals_ = self.objective(student, batch, step, ema, first_global=batch["student"])
+            size = batch["student"].shape[0]  # crop-major: the first B rows are the cached view's
+            distill, metrics = self.distill_loss(StudentOutput(globals_.cls[:size], globals_.patch[:size], None), batch)
+        else:
+            distill, metrics = self.distill_loss(student(batch["student"]), batch)
+            ssl, ssl_metrics, _ = self.objective(student, batch, step, ema)
         loss = sefa_loss(ssl, distill, self.config.ssl_weight)
         return {"loss": loss, self.config.ssl: ssl.detach(), "distill": distill.detach(), **metrics, **ssl_metrics}
