@@ -13,8 +13,8 @@ from distillery.models.students import create_student, export_local_dir
 CPU_TEACHERS = "vit_tiny_patch16_224:4,vit_small_patch16_224:8"  # two widths and patch sizes at 32 px
 
 
-def synth_train(work: Path, images: int, size: int, workers: int) -> str:
-    generate(SynthConfig(train=images, val=0, ood_near=0, ood_far=0, landmarks=0, distractors=0, shard_size=250,
+def synth_train(work: Path, images: int, size: int, workers: int, shard_size: int = 250) -> str:
+    generate(SynthConfig(train=images, val=0, ood_near=0, ood_far=0, landmarks=0, distractors=0, shard_size=shard_size,
                          size=size, workers=max(workers, 2)), work / "synth")
     return str(work / "synth" / "train")
 

@@ -346,6 +346,29 @@ def test_an_int8_store_gives_the_float16_targets_within_quantisation(tiny_synth,
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
 
 
+def test_the_cache_budget_measures_how_far_a_storage_moves_the_targets(tiny_synth, tiny_cache, tiny_int8_cache,
+                                                                       teacher_specs, tmp_path):
+    """benchmarks/cache_budget.py's target difference: none from the same store, less than a hundredth of a
+    standard deviation from int8, and far more from pooled patch tokens, whose detail is gone."""
+    import sys
+    from pathlib import Path
+
+    from distillery.cache.writer import CacheConfig, cache_teachers
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from cache_budget import target_difference
+
+    pooled = tmp_path / "pooled.zarr"
+    cache_teachers(str(tiny_synth / "train"), str(pooled), CacheConfig(tuple(teacher_specs), views=2, workers=0,
+                                                                       patch_pool=2), show_progress=False)
+    reference = CacheStore.open(str(tiny_cache))
+    grid = (4, 4)  # TINY_STUDENT's: teacher_a's 8 x 8 pooled to it loses nothing training sees, teacher_b's 4 x 4 does
+    assert target_difference(reference, reference, grid) == 0.0
+    int8 = target_difference(CacheStore.open(str(tiny_int8_cache)), reference, grid)
+    assert 0 < int8 < 0.02
+    assert target_difference(CacheStore.open(str(pooled)), reference, grid) > 10 * int8
+
+
 @pytest.fixture(scope="module")
 def single_teacher_stores(tmp_path_factory, tiny_synth, teacher_specs):
     """teacher_a and teacher_b each in a store of its own, cached as tiny_cache caches both."""
