@@ -12,7 +12,8 @@ losses) at --batch-size, on embedded images at 224 px cached with V = 2 views in
 - cache: the run as `distillery train --cache` runs it, the DataLoader reading images and cached targets;
 - online: the same run with the teachers run on every batch (`--teachers`), the same views;
 - in memory: the cached run's batches taken from its DataLoader before the clock starts, so the time leaves the
-  data path out: cache minus in memory is what reading the cache costs the step;
+  data path out: cache minus in memory is what the whole data path (decoding, views, crops, the cache read)
+  costs the step where its workers cannot keep up;
 - alone: the same student supervised on the class labels (`supervised`), nothing else, with its DataLoader.
 
 Every run is built once and takes a step before timing starts. A method's runs are built together (one
@@ -69,6 +70,7 @@ class Timed:
     """One mode of one method: a built run, its batches, and the step times of each round."""
 
     def __init__(self, trainer: Trainer, in_memory: bool):
+        # Its own iterator, so its own DataLoader workers: the cached run's two modes do not take each other's batches.
         self.trainer, self.in_memory = trainer, in_memory
         self.batches = iter(trainer.loader)
         self.step = 0
