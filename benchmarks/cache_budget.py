@@ -34,13 +34,12 @@ from pathlib import Path
 
 import distillery  # noqa: F401  (registers the torchvision op schemas timm needs)
 import torch
-import yaml
 
 from distillery.apps.demo import DemoConfig, ModelRun, with_overrides
 from distillery.cache.store import CacheStore, SideFiles
 from distillery.cache.verify import bytes_per_view
 from distillery.cache.writer import CacheConfig, cache_teachers
-from distillery.config import apply_overrides, read_yaml
+from distillery.config import read_yaml
 from distillery.evaluate.features import Extraction
 from distillery.evaluate.knn import prediction_agreement
 from distillery.evaluate.results import knn_top1, linear_top1, ood_metric, retrieval_map
@@ -48,9 +47,10 @@ from distillery.evaluate.suite import run_task
 from distillery.evaluate.tasks import EvalData, KnnSettings, LinearSettings, OodSettings, RetrievalData, RetrievalSettings
 from distillery.files import write_atomic
 from distillery.models.students import initial_student
+from distillery.models.teachers import Tokens
 from distillery.train.export import export_run
 from distillery.train.loop import train
-from distillery.train.targets import resize_patch_grid, standardize
+from distillery.train.targets import TargetSource
 
 ROOT = Path(__file__).parents[1]
 SINGLE_TEACHER = {"tintem", "proteus"}  # TinTeM's setting: one teacher (the demo's tintem_shape)
@@ -80,23 +80,24 @@ def cache(synth: Path, out: Path, teachers: list[str], views: int, storage: str)
     return str(store), time.perf_counter() - tick
 
 
+def trained_targets(store: CacheStore, student_grid: tuple[int, int], shard: int) -> dict[str, Tokens]:
+    """The targets a run trains on from `store` for one shard's rows, view 0: decoded, resized to the student's
+    grid and standardised by training's own TargetSource."""
+    names = [t.name for t in store.teachers]
+    block = store.read_block(shard, view=0, decoded=False)
+    source = TargetSource(names, [t.stored_grid for t in store.teachers], student_grid,
+                          {name: store.stats(name) for name in names}, torch.device("cpu"),
+                          {name: store.dtype for name in names})
+    return source({f"targets/{key}": values for key, values in block.items() if "/" in key})
+
+
 def target_difference(store: CacheStore, reference: CacheStore, student_grid: tuple[int, int], shard: int = 0) -> float:
     """RMS difference, in units of the per-dimension standard deviation, between the targets a run trains on
     from `store` and from `reference` (the default storage): one shard's rows, view 0, every teacher, CLS and
-    patch tokens (resized to the student's grid and standardised with their own store's statistics, as
-    training does). Deterministic: no training run's noise."""
-    mine, theirs = store.read_block(shard, view=0), reference.read_block(shard, view=0)
-    squares = []
-    for teacher in reference.teachers:
-        stats, reference_stats = store.stats(teacher.name), reference.stats(teacher.name)
-        for part in ("cls", "patch"):
-            values, wanted = mine[f"{teacher.name}/{part}"], theirs[f"{teacher.name}/{part}"]
-            if part == "patch":
-                values = resize_patch_grid(values, store.teacher(teacher.name).stored_grid, student_grid)
-                wanted = resize_patch_grid(wanted, teacher.stored_grid, student_grid)
-            mean, std = getattr(stats, f"{part}_mean"), getattr(stats, f"{part}_std")
-            reference_mean, reference_std = getattr(reference_stats, f"{part}_mean"), getattr(reference_stats, f"{part}_std")
-            squares.append((standardize(values, mean, std) - standardize(wanted, reference_mean, reference_std)).pow(2).mean())
+    patch tokens. Deterministic: no training run's noise."""
+    mine, theirs = trained_targets(store, student_grid, shard), trained_targets(reference, student_grid, shard)
+    squares = [(getattr(mine[name], part) - getattr(theirs[name], part)).pow(2).mean()
+               for name in theirs for part in ("cls", "patch")]
     return float(torch.stack(squares).mean().sqrt())
 
 
@@ -108,11 +109,9 @@ def trained(synth: Path, out: Path, method: str, store: str, name: str, epochs: 
     overrides = {"epochs": epochs, "seed": seed,
                  **({"cache_teachers": ["shape_cnn"]} if method in SINGLE_TEACHER else {})}
     config = with_overrides(ModelRun(name, str(ROOT / "configs" / f"{method}_synth.yaml"), overrides), out)
-    if sets:
-        write_atomic(config, yaml.safe_dump(apply_overrides(read_yaml(config), sets), sort_keys=False))
     run = out / "runs" / name
     tick = time.perf_counter()
-    train({"data": str(synth / "train"), "out": str(run), "cache": store}, config)
+    train({"data": str(synth / "train"), "out": str(run), "cache": store}, config, overrides=tuple(sets))
     export_run(run, model, overwrite=True)
     return model, time.perf_counter() - tick
 

@@ -28,3 +28,9 @@ def random_teachers(work: Path, teachers: str, size: int) -> list[str]:
         export_local_dir(create_student(arch, img_size=size, patch_size=int(patch)), path)
         specs.append(f"local-dir:{path}")
     return specs
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it times that work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -46,7 +46,7 @@ from pathlib import Path
 import distillery  # noqa: F401  (registers the torchvision op schemas timm needs)
 import torch
 
-from common import random_teachers, synth_train
+from common import random_teachers, synchronize, synth_train
 from distillery.cache.writer import CacheConfig, cache_teachers
 from distillery.config import read_yaml
 from distillery.train.config import resolve
@@ -99,11 +99,6 @@ class Timed:
 
     def round(self, steps: int) -> None:
         self.rounds.append(self.run(steps))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def student_seconds(timed: Timed, rounds: int) -> float:

@@ -20,6 +20,7 @@ import distillery  # noqa: F401
 import timm
 import torch
 
+from common import synchronize
 from distillery.models.teachers import Teacher, split_size
 
 
@@ -38,11 +39,6 @@ def images_per_second(spec: str, batch_size: int, steps: int, device: torch.devi
         teacher(images)
     synchronize(device)
     return batch_size * steps / (time.perf_counter() - start)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -275,7 +275,7 @@ def data_sha256(data: EvalData) -> str | None:
 
 
 def inputs_sha256(entry: str, model: EvalModel, settings: Any, data: str, probes: Path | None) -> str:
-    """The key a result is reused by: task, model fingerprint, settings, data bytes, version (and the probe
+    """The key a result is reused by: task, model fingerprint, settings, data files, version (and the probe
     robustness scores, which the same suite's linear task may just have retrained)."""
     probe = None
     if split_task(entry)[0] == "robustness" and probes is not None:
